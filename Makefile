@@ -1,0 +1,42 @@
+# kdpipe: `make demo` runs the default pipeline from a clean clone; `make test` runs the test suite.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU build of torch for machines without a GPU; bring your own torch with `make install TORCH_SPEC=`
+# (an empty spec installs nothing extra, so an existing CUDA/NPU torch in the venv is kept).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.kdpipe-installed
+
+.PHONY: install demo test test-all lint format clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	@if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
+		echo "installing $(TORCH_SPEC)"; $(PIP) install -q "$(TORCH_SPEC)"; fi
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install kdpipe (editable) with its dev tools
+
+demo: install  ## run the default pipeline on the built-in task and print the results table
+	time $(VENV)/bin/kdpipe-train $(ARGS)
+
+test: install  ## the test suite (excludes @pytest.mark.slow)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: install  ## every test, slow ones included
+	$(PY) -m pytest $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,49 @@
+"""Batch encoded examples: dynamic padding, or padding-free packing into one row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdpipe.data.encode import IGNORE_INDEX, EncodedExample
+
+
+@dataclass
+class Collator:
+    """Collate :class:`EncodedExample` lists into model inputs.
+
+    ``packing=False``: rows padded to the longest example (right padding), with an ``attention_mask``.
+    ``packing=True``: all examples concatenated into one row with ``position_ids`` restarting at 0 for each;
+    no ``attention_mask``, so ``transformers`` builds a block-diagonal causal mask from the positions and no
+    token attends across examples. Labels are pre-shifted, so no label crosses an example boundary either.
+    """
+
+    pad_token_id: int
+    packing: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[EncodedExample]) -> dict:
+        batch = {
+            "ids": [e.id for e in examples],
+            "levels": torch.tensor([e.level if e.level is not None else 0 for e in examples]),
+        }
+        if self.packing:
+            ids = [t for e in examples for t in e.input_ids]
+            batch["input_ids"] = torch.tensor([ids])
+            batch["labels"] = torch.tensor([[t for e in examples for t in e.labels]])
+            batch["position_ids"] = torch.tensor([[p for e in examples for p in range(len(e.input_ids))]])
+            return batch
+        width = max(len(e.input_ids) for e in examples)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            input_ids[row, :n] = torch.tensor(e.input_ids)
+            labels[row, :n] = torch.tensor(e.labels)
+            attention_mask[row, :n] = 1
+        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+        return batch

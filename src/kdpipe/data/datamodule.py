@@ -1,0 +1,125 @@
+"""``PostTrainDataModule``: the one DataModule that SFT and KD stages share.
+
+It loads a split of examples, tokenizes them with the model's chat template (labels on assistant tokens
+only), scores their difficulty, and serves the stage's curriculum plan as batches. Training batches come
+from a :class:`CurriculumBatchSampler`; on resume it skips the batches the restored ``global_step`` already
+consumed, so an interrupted stage sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from kdpipe.data.collate import Collator
+from kdpipe.data.curriculum import CurriculumBatchSampler
+from kdpipe.data.encode import EncodedExample, encode_example
+from kdpipe.data.sources import load_examples
+
+
+def difficulty_of(example: EncodedExample, scorer: str) -> float:
+    """Difficulty of one example under a named scorer."""
+    if scorer == "level":
+        if example.level is None:
+            raise ValueError(f"example {example.id!r} has no level; use curriculum.scorer=length")
+        return float(example.level)
+    if scorer == "length":
+        return float(example.num_label_tokens)
+    raise ValueError(f"unknown curriculum.scorer {scorer!r}; choose 'level' or 'length'")
+
+
+class PostTrainDataModule(L.LightningDataModule):
+    """Tokenized, curriculum-ordered batches of one dataset in one response style.
+
+    Args:
+        tokenizer: the model's tokenizer (its chat template renders the examples).
+        data: the ``data`` config (source, sizes, ``max_length``, ``packing``, ``max_tokens``, ...).
+        style: which response variant to train on (``reasoning`` or ``fast``).
+        curriculum: the ``curriculum`` config (``scorer``, ``schedule`` and the schedule's options).
+        batch_size: examples per batch (when not packing).
+        num_batches: batches the training plan holds (steps times gradient accumulation).
+        seed: seed of the curriculum plan.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        data: DictConfig,
+        style: str,
+        curriculum: DictConfig,
+        batch_size: int,
+        num_batches: int,
+        seed: int = 0,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer, self.data_cfg, self.style = tokenizer, data, style
+        self.curriculum_cfg, self.batch_size, self.num_batches = curriculum, batch_size, num_batches
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.collator = Collator(tokenizer.pad_token_id, packing=bool(data.get("packing", False)))
+        self.datasets: dict[str, list[EncodedExample]] = {}
+        self.dropped: dict[str, int] = {}
+
+    def encode_split(self, split: str) -> list[EncodedExample]:
+        """Load and tokenize one split; examples over ``data.max_length`` tokens are dropped and counted."""
+        if split not in self.datasets:
+            encoded = [
+                encode_example(self.tokenizer, ex, self.style, self.data_cfg.get("max_length"))
+                for ex in load_examples(self.data_cfg, split)
+            ]
+            self.datasets[split] = [e for e in encoded if e is not None]
+            self.dropped[split] = len(encoded) - len(self.datasets[split])
+            if not self.datasets[split]:
+                raise ValueError(f"data split {split!r} is empty after tokenization (max_length too small?)")
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.encode_split("train")
+            self.encode_split("val")
+
+    def make_sampler(self) -> CurriculumBatchSampler:
+        """The training plan's sampler (the same for the same seed and data)."""
+        train = self.encode_split("train")
+        cfg = self.curriculum_cfg
+        schedule_kwargs = {k: v for k, v in cfg.items() if k not in ("scorer", "schedule")}
+        max_tokens = self.data_cfg.get("max_tokens") if self.data_cfg.get("packing") else None
+        return CurriculumBatchSampler(
+            difficulty=[difficulty_of(e, cfg.scorer) for e in train],
+            lengths=[len(e.input_ids) for e in train],
+            num_batches=self.num_batches,
+            schedule=cfg.schedule,
+            batch_size=self.batch_size,
+            max_tokens=max_tokens,
+            seed=self.seed,
+            schedule_kwargs=schedule_kwargs,
+        )
+
+    def consumed_batches(self) -> int:
+        """Training batches the (possibly restored) trainer has already consumed."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self.make_sampler()
+        sampler.start = self.consumed_batches()
+        return DataLoader(
+            self.encode_split("train"),
+            batch_sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=int(self.data_cfg.get("num_workers", 0)),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.encode_split("val"),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=Collator(self.tokenizer.pad_token_id),
+            num_workers=int(self.data_cfg.get("num_workers", 0)),
+        )

@@ -1,0 +1,83 @@
+"""Turn examples into token ids and next-token labels with the tokenizer's chat template.
+
+Labels are stored *already shifted*: ``labels[t]`` is the token the model should predict at position ``t``
+(``input_ids[t + 1]`` on an assistant token, ``ignore_index`` elsewhere). Shifting per example, before any
+padding or packing, keeps packed rows correct and lets a teacher store align with label positions directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedExample:
+    """One tokenized example: ids, shifted labels and the fields the curriculum and the store key on."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    level: int | None = None
+
+    @property
+    def num_label_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def to_messages(example: dict, style: str) -> list[dict]:
+    """The chat messages of an example for one response style."""
+    if "messages" in example:
+        return example["messages"]
+    responses = example.get("responses") or {}
+    if style not in responses:
+        raise KeyError(f"example {example.get('id')!r} has no {style!r} response (has {sorted(responses)})")
+    return [
+        {"role": "user", "content": example["prompt"]},
+        {"role": "assistant", "content": responses[style]},
+    ]
+
+
+def prompt_messages(example: dict) -> list[dict]:
+    """The messages up to (not including) the last assistant turn: what a model is asked at evaluation."""
+    if "messages" in example:
+        msgs = example["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last]
+    return [{"role": "user", "content": example["prompt"]}]
+
+
+def assistant_mask(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a 0/1 mask of the assistant tokens (to be learned).
+
+    Uses the template's ``{% generation %}`` markers when it has them; otherwise labels the last assistant
+    turn by diffing against the prompt rendered with ``add_generation_prompt``.
+    """
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    prompt = tokenizer.apply_chat_template(
+        prompt_messages({"messages": messages}), tokenize=True, add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    if ids[: len(prompt)] != list(prompt):
+        raise ValueError("chat template renders the prompt differently inside the full conversation")
+    return ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, example: dict, style: str, max_length: int | None = None
+) -> EncodedExample | None:
+    """Tokenize one example; returns None when it is longer than ``max_length`` tokens."""
+    ids, mask = assistant_mask(tokenizer, to_messages(example, style))
+    if max_length is not None and len(ids) > max_length:
+        return None
+    # position t predicts token t+1; it is a label when token t+1 is an assistant token
+    labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+    return EncodedExample(id=str(example["id"]), input_ids=ids, labels=labels, level=example.get("level"))

@@ -1,0 +1,5 @@
+"""LightningModules for the training stages."""
+
+from kdpipe.modules.sft import SFTModule
+
+__all__ = ["SFTModule"]

@@ -1,0 +1,97 @@
+"""``SFTModule``: supervised fine-tuning on assistant tokens (prompt tokens carry no labels)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch.optim import Optimizer
+from transformers import PreTrainedModel
+
+from kdpipe.losses import token_cross_entropy
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; leave biases, norms and other vectors undecayed."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class SFTModule(L.LightningModule):
+    """Train a causal LM on the assistant tokens of chat examples.
+
+    Args:
+        model: a ``transformers`` causal LM.
+        optimizer: a partial optimizer (``_partial_: true`` config) called with the parameter groups.
+        scheduler: a partial schedule called with ``(optimizer, num_training_steps=...)``, stepped per step.
+        weight_decay: applied to matrices only.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.weight_decay = weight_decay
+        self._step_started = 0.0
+        self._tokens_seen, self._train_seconds = 0, 0.0
+        self._val_sums: list[torch.Tensor] = []
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits [B, T, V] for a collated batch."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        return self.model(**inputs, use_cache=False).logits
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return token_cross_entropy(self(batch), batch["labels"])
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        self._tokens_seen += tokens
+        self._train_seconds += elapsed
+        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
+
+    def throughput(self) -> dict:
+        """Non-pad tokens trained on in this process, and their rate over time spent in training steps."""
+        rate = self._tokens_seen / self._train_seconds if self._train_seconds else 0.0
+        return {"tokens_trained": self._tokens_seen, "tokens_per_s": rate}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch)
+        total = token_cross_entropy(logits, batch["labels"], reduction="sum")
+        self._val_sums.append(torch.stack([total, (batch["labels"] != -100).sum().to(total)]))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sums:
+            total, count = torch.stack(self._val_sums).sum(0)
+            self.log("val/loss", total / count.clamp(min=1), prog_bar=True, sync_dist=True)
+        self._val_sums.clear()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(param_groups(self.model, self.weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, num_training_steps=self.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

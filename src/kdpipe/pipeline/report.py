@@ -1,0 +1,115 @@
+"""Summaries of a run: ``results.json``, ``results.md`` (the table) and ``results.png`` (accuracy per level)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from kdpipe.pipeline.state import PipelineState
+from kdpipe.utils.io import atomic_write_json, atomic_write_text
+
+
+def results_payload(state: PipelineState) -> dict:
+    """``{"stages": [{"name", "kind", "model", "dir", "status", "metrics"}]}`` for every stage so far."""
+    return {
+        "stages": [
+            {"name": s.name, "kind": s.kind, "model": s.model, "dir": s.dir, "status": s.status, "metrics": s.metrics}
+            for s in state.stages
+        ]
+    }
+
+
+def _levels(stages: list[dict]) -> list[str]:
+    levels = {lvl for s in stages for lvl in (s["metrics"].get("accuracy_by_level") or {})}
+    return sorted(levels, key=int)
+
+
+def _fmt(value, pct: bool = False, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if pct else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def table_rows(payload: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table: one row per stage that was evaluated."""
+    stages = [s for s in payload["stages"] if "accuracy" in s["metrics"]]
+    levels = _levels(stages)
+    header = ["#", "stage", "kind", "model", "acc %", *[f"L{lvl} %" for lvl in levels], "resp tok", "loss", "train s"]
+    rows = []
+    for s in stages:
+        m = s["metrics"]
+        by_level = m.get("accuracy_by_level") or {}
+        rows.append(
+            [
+                s["dir"].split("_", 1)[0],
+                s["name"],
+                s["kind"],
+                s["model"],
+                _fmt(m["accuracy"], pct=True),
+                *[_fmt(by_level.get(lvl), pct=True) for lvl in levels],
+                f"{m.get('mean_response_tokens', 0):.1f}",
+                _fmt(m.get("loss")),
+                f"{m['train_seconds']:.0f}" if "train_seconds" in m else "-",
+            ]
+        )
+    return header, rows
+
+
+def markdown_table(payload: dict) -> str:
+    header, rows = table_rows(payload)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(payload: dict, title: str = "kdpipe results") -> Table:
+    header, rows = table_rows(payload)
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="left" if h in ("stage", "kind", "model") else "right")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def plot_accuracy(payload: dict, path: Path) -> bool:
+    """Grouped bars: accuracy per level (and overall) for each evaluated stage. False if nothing to plot."""
+    stages = [s for s in payload["stages"] if "accuracy" in s["metrics"]]
+    if not stages:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = _levels(stages)
+    groups = [f"L{lvl}" for lvl in levels] + ["all"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(stages)) / 2), 4))
+    width = 0.8 / len(stages)
+    for i, s in enumerate(stages):
+        by_level = s["metrics"].get("accuracy_by_level") or {}
+        values = [100 * by_level.get(lvl, 0.0) for lvl in levels] + [100 * s["metrics"]["accuracy"]]
+        xs = [g + (i - (len(stages) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, values, width=width, label=f"{s['dir']} ({s['model']})")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Accuracy per stage and difficulty level")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def write_results(state: PipelineState) -> dict:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into the run dir; returns the payload."""
+    payload = results_payload(state)
+    atomic_write_json(state.run_dir / "results.json", payload)
+    atomic_write_text(state.run_dir / "results.md", markdown_table(payload))
+    plot_accuracy(payload, state.run_dir / "results.png")
+    return payload

@@ -1,0 +1,1 @@
+"""Small helpers: atomic files, config printing, loggers."""
