@@ -1,0 +1,128 @@
+"""The stage pipeline end to end on tiny models: outputs, resume after a crash, and bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdpipe.pipeline.spec import PipelineConfigError
+from kdpipe.train import train
+
+
+def test_tiny_pipeline_writes_every_output(tiny_cfg, tmp_path):
+    started = time.perf_counter()
+    payload = train(tiny_cfg())
+    assert time.perf_counter() - started < 60
+    run = tmp_path / "run"
+    names = ["01_teacher_sft", "02_sft_reasoning", "03_sft_fast", "04_eval_student"]
+    for name in names[:3]:
+        stage = run / name
+        assert (stage / "checkpoints" / "last.ckpt").exists()
+        assert (stage / "export" / "model.safetensors").exists()
+        assert (stage / "export" / "tokenizer.json").exists()
+        metrics = json.loads((stage / "metrics.json").read_text())["metrics"]
+        assert {"accuracy", "accuracy_by_level", "mean_response_tokens", "train_loss", "tokens_per_s"} <= set(metrics)
+        assert (stage / "generations.jsonl").exists()
+    assert json.loads((run / "04_eval_student" / "metrics.json").read_text())["metrics"]["num_examples"] == 20
+    results = json.loads((run / "results.json").read_text())
+    assert results == json.loads(json.dumps(payload))
+    assert [s["name"] for s in results["stages"]] == ["teacher_sft", "sft_reasoning", "sft_fast", "eval_student"]
+    for stage in results["stages"]:
+        assert {"name", "kind", "model", "metrics"} <= set(stage)
+        assert set(stage["metrics"]["accuracy_by_level"]) == {"1", "2", "3", "4", "5"}
+    assert "| sft_fast |" in (run / "results.md").read_text()
+    assert (run / "results.png").read_bytes()[:4] == b"\x89PNG"
+    state = json.loads((run / "pipeline_state.json").read_text())
+    assert all(s["status"] == "done" for s in state["stages"])
+    assert state["model_paths"] == {"teacher": "01_teacher_sft/export", "student": "03_sft_fast/export"}
+    assert (run / "config.yaml").exists() and (run / "config_tree.log").exists()
+    # the eval stage evaluated the export of the student's last training stage
+    generations_fast = (run / "03_sft_fast" / "generations.jsonl").read_text()
+    assert generations_fast == (run / "04_eval_student" / "generations.jsonl").read_text()
+
+
+def test_each_stage_starts_from_the_previous_stage_of_its_model(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "pipeline.order=[sft_reasoning,teacher_sft,sft_fast]",
+        "pipeline.stages.sft_fast.max_steps=1",
+        "+pipeline.stages.sft_fast.optimizer.lr=1e-12",  # one step that barely moves the weights
+    )
+    train(cfg)
+    run = tmp_path / "run"
+    before = load_file(run / "01_sft_reasoning" / "export" / "model.safetensors")
+    after = load_file(run / "03_sft_fast" / "export" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.allclose(before[key], after[key], atol=1e-6), key
+
+
+def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
+    order = "pipeline.order=[teacher_sft,sft_reasoning]"
+    reference_dir = tmp_path / "reference"
+    train(tiny_cfg(order, run_dir=reference_dir))
+
+    crashed_dir = tmp_path / "crashed"
+    marker = tmp_path / "crashed.marker"
+    crash = f"+callbacks.crash={{_target_: tests.helpers.CrashAt, stage: 02_sft_reasoning, step: 6, marker: '{marker}'}}"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(order, crash, run_dir=crashed_dir))
+    state = json.loads((crashed_dir / "pipeline_state.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done", "running"]
+    ckpt = torch.load(crashed_dir / "02_sft_reasoning" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4  # the checkpoint before the crash
+    teacher_mtime = (crashed_dir / "01_teacher_sft" / "export" / "model.safetensors").stat().st_mtime
+
+    payload = train(tiny_cfg(f"resume={crashed_dir}"))
+    assert [s["status"] for s in payload["stages"]] == ["done", "done"]
+    # the finished stage was skipped, not redone
+    assert (crashed_dir / "01_teacher_sft" / "export" / "model.safetensors").stat().st_mtime == teacher_mtime
+    # the resumed stage saw the same batches from the same state: identical weights
+    resumed = load_file(crashed_dir / "02_sft_reasoning" / "export" / "model.safetensors")
+    reference = load_file(reference_dir / "02_sft_reasoning" / "export" / "model.safetensors")
+    for key in reference:
+        assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
+
+
+def test_unknown_stage_name_in_order_is_refused_before_training(tiny_cfg, tmp_path):
+    with pytest.raises(PipelineConfigError, match=r"unknown stage 'sft_fats'.*did you mean 'sft_fast'"):
+        train(tiny_cfg("pipeline.order=[teacher_sft,sft_fats]"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_stage_kind_is_refused(tiny_cfg):
+    with pytest.raises(PipelineConfigError, match=r"kind='sfd' is not a stage kind.*did you mean 'sft'"):
+        train(tiny_cfg("pipeline.stages.sft_fast.kind=sfd"))
+
+
+def test_typo_in_a_stage_key_is_refused(tiny_cfg):
+    with pytest.raises(PipelineConfigError, match=r"pipeline\.stages\.sft_fast\.max_step \(did you mean 'max_steps'"):
+        train(tiny_cfg("+pipeline.stages.sft_fast.max_step=3"))
+    with pytest.raises(PipelineConfigError, match=r"pipeline\.stages\.sft_fast\.eval\.splt"):
+        train(tiny_cfg("+pipeline.stages.sft_fast.eval.splt=val"))
+
+
+def test_stage_naming_an_unknown_model_is_refused(tiny_cfg):
+    with pytest.raises(PipelineConfigError, match="model='techer' is not a configured model"):
+        train(tiny_cfg("pipeline.stages.sft_fast.model=techer"))
+
+
+def test_missing_resume_directory_is_refused(tiny_cfg, tmp_path):
+    with pytest.raises(PipelineConfigError, match="resume directory .*does not exist"):
+        train(tiny_cfg(f"resume={tmp_path / 'nope'}"))
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_cfg):
+    train(tiny_cfg("pipeline.order=[eval_student]"))
+    with pytest.raises(PipelineConfigError, match="already holds a run"):
+        train(tiny_cfg("pipeline.order=[eval_student]"))
+
+
+def test_config_key_typo_fails_at_composition(tiny_cfg):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="max_step"):
+        tiny_cfg("trainer.max_step=3")
