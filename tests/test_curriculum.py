@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -32,7 +33,7 @@ def test_buckets_are_contiguous_in_difficulty_and_shuffled_within(num_buckets):
     assert sorted(order) == list(range(100))
     size = 100 // num_buckets
     buckets = [order[b * 100 // num_buckets : (b + 1) * 100 // num_buckets] for b in range(num_buckets)]
-    for easy, hard in zip(buckets, buckets[1:]):
+    for easy, hard in itertools.pairwise(buckets):
         assert max(DIFFICULTY[i] for i in easy) <= min(DIFFICULTY[i] for i in hard)
     if size > 10:  # within a bucket the order is not the sorted one
         ranks = [DIFFICULTY[i] for i in buckets[0]]

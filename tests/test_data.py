@@ -53,8 +53,13 @@ def test_padding_collator_pads_right_and_masks(tokenizer):
 def tiny_model(tokenizer, seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -84,16 +89,30 @@ def test_packed_batch_gives_the_same_loss_as_a_padded_one(tokenizer):
 
 def data_cfg(**kw):
     base = dict(
-        source="arith", seed=0, levels=[1, 2, 3, 4, 5], max_value=99, n_train_per_level=30,
-        n_val_per_level=4, n_test_per_level=4, max_length=128, packing=False, max_tokens=256, num_workers=0,
+        source="arith",
+        seed=0,
+        levels=[1, 2, 3, 4, 5],
+        max_value=99,
+        n_train_per_level=30,
+        n_val_per_level=4,
+        n_test_per_level=4,
+        max_length=128,
+        packing=False,
+        max_tokens=256,
+        num_workers=0,
     )
     return OmegaConf.create({**base, **kw})
 
 
 def test_datamodule_serves_the_curriculum_plan(tokenizer):
     dm = PostTrainDataModule(
-        tokenizer, data_cfg(), "reasoning", OmegaConf.create({"scorer": "level", "schedule": "sorted"}),
-        batch_size=8, num_batches=5, seed=0,
+        tokenizer,
+        data_cfg(),
+        "reasoning",
+        OmegaConf.create({"scorer": "level", "schedule": "sorted"}),
+        batch_size=8,
+        num_batches=5,
+        seed=0,
     )
     dm.setup("fit")
     batches = list(dm.train_dataloader())
@@ -107,8 +126,13 @@ def test_datamodule_serves_the_curriculum_plan(tokenizer):
 
 def test_datamodule_packing_respects_the_token_budget(tokenizer):
     dm = PostTrainDataModule(
-        tokenizer, data_cfg(packing=True, max_tokens=200), "reasoning",
-        OmegaConf.create({"scorer": "level", "schedule": "random"}), batch_size=8, num_batches=6, seed=0,
+        tokenizer,
+        data_cfg(packing=True, max_tokens=200),
+        "reasoning",
+        OmegaConf.create({"scorer": "level", "schedule": "random"}),
+        batch_size=8,
+        num_batches=6,
+        seed=0,
     )
     dm.setup("fit")
     for batch in dm.train_dataloader():

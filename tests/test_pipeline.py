@@ -67,7 +67,9 @@ def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(tiny_cfg, tm
 
     crashed_dir = tmp_path / "crashed"
     marker = tmp_path / "crashed.marker"
-    crash = f"+callbacks.crash={{_target_: tests.helpers.CrashAt, stage: 02_sft_reasoning, step: 6, marker: '{marker}'}}"
+    crash = (
+        f"+callbacks.crash={{_target_: tests.helpers.CrashAt, stage: 02_sft_reasoning, step: 6, marker: '{marker}'}}"
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_cfg(order, crash, run_dir=crashed_dir))
     state = json.loads((crashed_dir / "pipeline_state.json").read_text())
@@ -106,12 +108,12 @@ def test_typo_in_a_stage_key_is_refused(tiny_cfg):
 
 
 def test_stage_naming_an_unknown_model_is_refused(tiny_cfg):
-    with pytest.raises(PipelineConfigError, match="model='techer' is not a configured model"):
+    with pytest.raises(PipelineConfigError, match=r"model='techer' is not a configured model"):
         train(tiny_cfg("pipeline.stages.sft_fast.model=techer"))
 
 
 def test_missing_resume_directory_is_refused(tiny_cfg, tmp_path):
-    with pytest.raises(PipelineConfigError, match="resume directory .*does not exist"):
+    with pytest.raises(PipelineConfigError, match=r"resume directory .*does not exist"):
         train(tiny_cfg(f"resume={tmp_path / 'nope'}"))
 
 

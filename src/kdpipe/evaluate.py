@@ -1,7 +1,7 @@
 """``kdpipe-eval``: evaluate any HF model directory (e.g. a stage's ``export/``) on the task.
 
-    kdpipe-eval model_path=logs/runs/<run>/03_sft_fast/export
-    kdpipe-eval model_path=... split=val style=fast limit=100
+kdpipe-eval model_path=logs/runs/<run>/03_sft_fast/export
+kdpipe-eval model_path=... split=val style=fast limit=100
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.sources import load_examples
 from kdpipe.eval import evaluate_model
 from kdpipe.models.factory import load_model, load_tokenizer
@@ -26,6 +27,12 @@ from kdpipe.utils.quiet import quiet_third_party
 console = Console()
 
 
+def format_value(value) -> str:
+    if isinstance(value, dict):
+        return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.model_path`` on ``cfg.split`` of ``cfg.data``; write and return the metrics."""
     path = Path(str(cfg.model_path)).expanduser()
@@ -33,7 +40,11 @@ def evaluate(cfg: DictConfig) -> dict:
         raise FileNotFoundError(f"model_path {path} is not a directory (expected an HF export)")
     trust = bool(cfg.get("trust_remote_code", False))
     model, tokenizer = load_model(path, trust_remote_code=trust), load_tokenizer(path, trust)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     model.to(device)
     examples = load_examples(cfg.data, str(cfg.split))
     if cfg.get("limit"):
@@ -43,6 +54,7 @@ def evaluate(cfg: DictConfig) -> dict:
         tokenizer,
         examples,
         style=cfg.get("style"),
+        system_prompt=system_prompt_for(cfg.data, cfg.get("style")),
         batch_size=int(cfg.batch_size),
         max_new_tokens=int(cfg.max_new_tokens),
     )
@@ -56,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(key, format_value(value))
     console.print(table)
     console.print(f"metrics written to {output}")
     return metrics
@@ -68,7 +80,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return float(evaluate(cfg)["accuracy"])
     except FileNotFoundError as err:
-        Console(stderr=True).print(f"[bold red]kdpipe-eval:[/] {err}")
+        print(f"kdpipe-eval: {err}", file=sys.stderr)
         sys.exit(2)
 
 

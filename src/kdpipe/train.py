@@ -1,9 +1,9 @@
 """``kdpipe-train``: run a stage pipeline. A thin Hydra entry point around :func:`train`.
 
-    kdpipe-train                                   # the default pipeline on the built-in task
-    kdpipe-train pipeline=tiny logger=csv          # another pipeline, CSV logs
-    kdpipe-train 'pipeline.order=[teacher_sft,sft_fast]'
-    kdpipe-train resume=logs/runs/2026-11-23_10-00-00   # continue an interrupted run
+kdpipe-train                                   # the default pipeline on the built-in task
+kdpipe-train pipeline=tiny logger=csv          # another pipeline, CSV logs
+kdpipe-train 'pipeline.order=[teacher_sft,sft_fast]'
+kdpipe-train resume=logs/runs/2026-11-23_10-00-00   # continue an interrupted run
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
-from rich.console import Console
 
 from kdpipe.pipeline.runner import run_pipeline
 from kdpipe.pipeline.spec import PipelineConfigError
@@ -39,7 +38,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         payload = train(cfg)
     except PipelineConfigError as err:
-        Console(stderr=True).print(f"[bold red]kdpipe-train: config error:[/] {err}")
+        print(f"kdpipe-train: config error: {err}", file=sys.stderr)
         sys.exit(2)
     return final_metric(payload, str(cfg.get("optimized_metric", "accuracy")))
 

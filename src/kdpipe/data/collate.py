@@ -47,3 +47,42 @@ class Collator:
             attention_mask[row, :n] = 1
         batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
         return batch
+
+
+@dataclass
+class KDCollator:
+    """A :class:`Collator` that also joins the teacher store's rows at each example's label positions.
+
+    Adds ``topk_ids`` [B, T, k] int64, ``topk_logprobs`` [B, T, k] float32, ``tail_logprob`` [B, T] float32
+    and ``has_teacher`` [B, T] bool (False at non-label positions and padding). Shapes follow the batch
+    layout, so packed batches get [1, total, k].
+    """
+
+    base: Collator
+    store: object  # kdpipe.store.reader.TeacherStore (kept loose to avoid an import cycle)
+
+    def __call__(self, examples: list[EncodedExample]) -> dict:
+        batch = self.base(examples)
+        rows, width = batch["input_ids"].shape
+        k = self.store.k
+        topk_ids = torch.zeros((rows, width, k), dtype=torch.long)
+        topk_logprobs = torch.full((rows, width, k), float("-inf"))
+        tail = torch.zeros((rows, width))
+        has_teacher = torch.zeros((rows, width), dtype=torch.bool)
+        offset = 0
+        for i, e in enumerate(examples):
+            row, base = (0, offset) if self.base.packing else (i, 0)
+            positions = torch.tensor([t for t, label in enumerate(e.labels) if label != IGNORE_INDEX]) + base
+            teacher = self.store.get(e.id)
+            if teacher.topk_ids.shape[0] != len(positions):
+                raise ValueError(
+                    f"teacher store has {teacher.topk_ids.shape[0]} rows for example {e.id!r} "
+                    f"with {len(positions)} label positions"
+                )
+            topk_ids[row, positions] = teacher.topk_ids
+            topk_logprobs[row, positions] = teacher.topk_logprobs
+            tail[row, positions] = teacher.tail_logprob
+            has_teacher[row, positions] = True
+            offset += len(e.input_ids)
+        batch.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=tail, has_teacher=has_teacher)
+        return batch

@@ -65,9 +65,7 @@ def cut_batches(
     current: list[int] = []
     tokens = 0
     for i in order:
-        full = (
-            tokens + lengths[i] > max_tokens if max_tokens is not None else len(current) >= batch_size
-        )
+        full = tokens + lengths[i] > max_tokens if max_tokens is not None else len(current) >= batch_size
         if current and full:
             batches.append(current)
             current, tokens = [], 0

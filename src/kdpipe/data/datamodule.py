@@ -8,14 +8,16 @@ consumed, so an interrupted stage sees exactly the batches an uninterrupted one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from kdpipe.data.collate import Collator
+from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.data.curriculum import CurriculumBatchSampler
-from kdpipe.data.encode import EncodedExample, encode_example
+from kdpipe.data.encode import EncodedExample, encode_example, system_prompt_for
 from kdpipe.data.sources import load_examples
 
 
@@ -31,44 +33,56 @@ def difficulty_of(example: EncodedExample, scorer: str) -> float:
 
 
 class PostTrainDataModule(L.LightningDataModule):
-    """Tokenized, curriculum-ordered batches of one dataset in one response style.
+    """Tokenized, curriculum-ordered batches of one dataset in one or more response styles.
 
     Args:
         tokenizer: the model's tokenizer (its chat template renders the examples).
         data: the ``data`` config (source, sizes, ``max_length``, ``packing``, ``max_tokens``, ...).
-        style: which response variant to train on (``reasoning`` or ``fast``).
+        style: the response variant(s) to train on (``reasoning``, ``fast``, or a list: every example once
+            per style, each prompted with its style's system prompt from ``data.system_prompts``).
         curriculum: the ``curriculum`` config (``scorer``, ``schedule`` and the schedule's options).
         batch_size: examples per batch (when not packing).
         num_batches: batches the training plan holds (steps times gradient accumulation).
         seed: seed of the curriculum plan.
+        store: a :class:`~kdpipe.store.reader.TeacherStore` to join (KD); checked against the data first.
     """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
         data: DictConfig,
-        style: str,
+        style: str | Sequence[str],
         curriculum: DictConfig,
         batch_size: int,
         num_batches: int,
         seed: int = 0,
         eval_batch_size: int | None = None,
+        store=None,
     ) -> None:
         super().__init__()
-        self.tokenizer, self.data_cfg, self.style = tokenizer, data, style
+        self.tokenizer, self.data_cfg = tokenizer, data
+        self.styles = [style] if isinstance(style, str) else [str(s) for s in style]
+        if store is not None and len(self.styles) != 1:
+            raise ValueError(f"a teacher store covers one response style; got styles {self.styles}")
         self.curriculum_cfg, self.batch_size, self.num_batches = curriculum, batch_size, num_batches
         self.seed = seed
         self.eval_batch_size = eval_batch_size or batch_size
+        self.store = store
         self.collator = Collator(tokenizer.pad_token_id, packing=bool(data.get("packing", False)))
+        if store is not None:
+            self.collator = KDCollator(self.collator, store)
         self.datasets: dict[str, list[EncodedExample]] = {}
         self.dropped: dict[str, int] = {}
 
     def encode_split(self, split: str) -> list[EncodedExample]:
         """Load and tokenize one split; examples over ``data.max_length`` tokens are dropped and counted."""
         if split not in self.datasets:
+            examples = load_examples(self.data_cfg, split)
+            max_length = self.data_cfg.get("max_length")
             encoded = [
-                encode_example(self.tokenizer, ex, self.style, self.data_cfg.get("max_length"))
-                for ex in load_examples(self.data_cfg, split)
+                encode_example(self.tokenizer, ex, style, max_length, system_prompt_for(self.data_cfg, style))
+                for style in self.styles
+                for ex in examples
             ]
             self.datasets[split] = [e for e in encoded if e is not None]
             self.dropped[split] = len(encoded) - len(self.datasets[split])
@@ -78,8 +92,10 @@ class PostTrainDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.encode_split("train")
+            train = self.encode_split("train")
             self.encode_split("val")
+            if self.store is not None:
+                self.store.check_compatible(self.tokenizer, train)
 
     def make_sampler(self) -> CurriculumBatchSampler:
         """The training plan's sampler (the same for the same seed and data)."""

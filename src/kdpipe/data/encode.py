@@ -22,32 +22,41 @@ class EncodedExample:
     input_ids: list[int]
     labels: list[int]
     level: int | None = None
+    style: str | None = None
 
     @property
     def num_label_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def to_messages(example: dict, style: str) -> list[dict]:
+def system_prompt_for(data_cfg, style: str | None) -> str | None:
+    """The system message that asks for a response style (``data.system_prompts.<style>``), or None."""
+    prompts = data_cfg.get("system_prompts") if data_cfg is not None else None
+    return None if not prompts or style is None else prompts.get(style)
+
+
+def prompt_messages(example: dict, system_prompt: str | None = None) -> list[dict]:
+    """The messages up to (not including) the last assistant turn: what a model is asked at evaluation.
+
+    ``system_prompt`` (the style's guidance) is prepended to prompt/response examples; chat examples in
+    ``messages`` form keep their own system turns.
+    """
+    if "messages" in example:
+        msgs = example["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": example["prompt"]}]
+
+
+def to_messages(example: dict, style: str, system_prompt: str | None = None) -> list[dict]:
     """The chat messages of an example for one response style."""
     if "messages" in example:
         return example["messages"]
     responses = example.get("responses") or {}
     if style not in responses:
         raise KeyError(f"example {example.get('id')!r} has no {style!r} response (has {sorted(responses)})")
-    return [
-        {"role": "user", "content": example["prompt"]},
-        {"role": "assistant", "content": responses[style]},
-    ]
-
-
-def prompt_messages(example: dict) -> list[dict]:
-    """The messages up to (not including) the last assistant turn: what a model is asked at evaluation."""
-    if "messages" in example:
-        msgs = example["messages"]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return msgs[:last]
-    return [{"role": "user", "content": example["prompt"]}]
+    return [*prompt_messages(example, system_prompt), {"role": "assistant", "content": responses[style]}]
 
 
 def assistant_mask(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -72,12 +81,18 @@ def assistant_mask(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> 
 
 
 def encode_example(
-    tokenizer: PreTrainedTokenizerBase, example: dict, style: str, max_length: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    example: dict,
+    style: str,
+    max_length: int | None = None,
+    system_prompt: str | None = None,
 ) -> EncodedExample | None:
     """Tokenize one example; returns None when it is longer than ``max_length`` tokens."""
-    ids, mask = assistant_mask(tokenizer, to_messages(example, style))
+    ids, mask = assistant_mask(tokenizer, to_messages(example, style, system_prompt))
     if max_length is not None and len(ids) > max_length:
         return None
     # position t predicts token t+1; it is a label when token t+1 is an assistant token
     labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
-    return EncodedExample(id=str(example["id"]), input_ids=ids, labels=labels, level=example.get("level"))
+    return EncodedExample(
+        id=str(example["id"]), input_ids=ids, labels=labels, level=example.get("level"), style=style
+    )

@@ -16,10 +16,19 @@ from kdpipe.losses import token_cross_entropy
 
 @torch.no_grad()
 def label_loss(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[dict], style: str, batch_size: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[dict],
+    style: str,
+    batch_size: int,
+    system_prompt: str | None = None,
 ) -> float | None:
     """Mean cross-entropy per label token of the ``style`` responses (None if no example has one)."""
-    encoded = [encode_example(tokenizer, ex, style) for ex in examples if style in ex.get("responses", {})]
+    encoded = [
+        encode_example(tokenizer, ex, style, system_prompt=system_prompt)
+        for ex in examples
+        if style in ex.get("responses", {})
+    ]
     if not encoded:
         return None
     collate = Collator(tokenizer.pad_token_id)
@@ -45,6 +54,7 @@ def evaluate_model(
     examples: list[dict],
     *,
     style: str | None = None,
+    system_prompt: str | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 64,
     description: str = "evaluating",
@@ -52,14 +62,15 @@ def evaluate_model(
 ) -> tuple[dict, list[dict]]:
     """Greedy-generate an answer for every example and score it.
 
-    Returns the metrics (``accuracy``, ``accuracy_by_level``, ``mean_response_tokens``, ``loss`` on the
+    ``system_prompt`` asks for a response style (e.g. the ``fast`` style's guidance); ``style`` names the
+    reference responses the teacher-forced ``loss`` is computed on. Returns the metrics (``accuracy``, ``accuracy_by_level``, ``mean_response_tokens``, ``loss`` on the
     ``style`` responses when given, ...) and one record per example (id, level, response, correct).
     """
     started = time.perf_counter()
     generations = generate_responses(
         model,
         tokenizer,
-        [prompt_messages(ex) for ex in examples],
+        [prompt_messages(ex, system_prompt) for ex in examples],
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         show_progress=show_progress,
@@ -67,7 +78,8 @@ def evaluate_model(
     )
     metrics = summarize(examples, generations)
     if style is not None:
-        metrics["loss"] = label_loss(model, tokenizer, examples, style, batch_size)
+        metrics["loss"] = label_loss(model, tokenizer, examples, style, batch_size, system_prompt)
+        metrics["eval_style"] = style
     metrics["eval_seconds"] = time.perf_counter() - started
     records = [
         {

@@ -1,5 +1,6 @@
-"""Losses: token cross-entropy today; the distillation divergences join it here."""
+"""Losses: token cross-entropy and distillation against a sparse (top-k + tail) teacher."""
 
 from kdpipe.losses.ce import token_cross_entropy
+from kdpipe.losses.kd import KDTerms, combine_terms, sparse_kd_loss, sparse_kd_terms
 
-__all__ = ["token_cross_entropy"]
+__all__ = ["KDTerms", "combine_terms", "sparse_kd_loss", "sparse_kd_terms", "token_cross_entropy"]

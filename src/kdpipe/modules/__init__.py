@@ -1,5 +1,6 @@
-"""LightningModules for the training stages."""
+"""LightningModules for the training stages and the teacher scorer."""
 
+from kdpipe.modules.kd import KDModule
 from kdpipe.modules.sft import SFTModule
 
-__all__ = ["SFTModule"]
+__all__ = ["KDModule", "SFTModule"]

@@ -16,7 +16,7 @@ def warmup_cosine(
     min_lr_ratio: float = 0.0,
 ) -> LambdaLR:
     """Linear warmup from 0, then cosine decay to ``min_lr_ratio`` times the peak rate."""
-    warmup = warmup_steps if warmup_steps is not None else int(round(warmup_ratio * num_training_steps))
+    warmup = warmup_steps if warmup_steps is not None else round(warmup_ratio * num_training_steps)
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -84,12 +84,12 @@ def run_pipeline(cfg: DictConfig) -> dict:
         stage_dir = run_dir / spec.dirname
         stage_dir.mkdir(parents=True, exist_ok=True)
         state.mark_running(spec.index)
-        ctx = StageContext(cfg, spec, run_dir, stage_dir, state.model_path(spec.model))
+        ctx = StageContext(cfg, spec, run_dir, stage_dir, state.model_path(spec.model), dict(state.stores))
         metrics, export = STAGE_KINDS[spec.kind](ctx)
         write_stage_metrics(ctx, metrics)
         state.mark_done(spec.index, metrics, export)
         write_results(state)
     payload = write_results(state)
-    Console(width=max(console.width, 132)).print(rich_table(payload, title=f"kdpipe results: {run_dir.name}"))
+    Console(width=max(console.width, 132)).print(rich_table(payload, title=f"kdpipe results: {run_dir}"))
     console.print(f"results: {run_dir / 'results.md'}  plot: {run_dir / 'results.png'}")
     return payload

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -15,13 +16,22 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from torch.utils.data import DataLoader
 
+from kdpipe.data.collate import Collator
 from kdpipe.data.datamodule import PostTrainDataModule
+from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.sources import load_examples
 from kdpipe.eval import evaluate_model
 from kdpipe.models.factory import build_model, build_tokenizer, count_parameters, load_model, load_tokenizer
-from kdpipe.modules import SFTModule
-from kdpipe.pipeline.spec import StageSpec
+from kdpipe.modules import KDModule, SFTModule
+from kdpipe.modules.scorer import TeacherScorer
+from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
+from kdpipe.store import codec
+from kdpipe.store.callback import StoreWriterCallback
+from kdpipe.store.fingerprint import data_fingerprint, model_fingerprint, tokenizer_fingerprint
+from kdpipe.store.reader import TeacherStore
+from kdpipe.store.writer import MANIFEST, StoreWriter
 from kdpipe.utils.io import atomic_replace_dir, atomic_write_json
 
 console = Console()
@@ -36,6 +46,7 @@ class StageContext:
     run_dir: Path
     stage_dir: Path
     start_from: Path | None  # export of the previous stage of the same model; None: build it fresh
+    stores: dict[str, str] = field(default_factory=dict)  # response style -> latest teacher store
 
     @property
     def settings(self) -> DictConfig:
@@ -76,7 +87,9 @@ def export_model(model, tokenizer, export_dir: Path) -> Path:
 def make_loggers(ctx: StageContext) -> list:
     """Instantiate the configured loggers for this stage (one wandb run per stage, grouped by run)."""
     loggers = []
-    run_name = ctx.run_dir.name
+    # multirun jobs are numbered folders: name runs by their last two path parts, id them by the full path
+    run_name = "/".join(ctx.run_dir.parts[-2:]) if ctx.run_dir.name.isdigit() else ctx.run_dir.name
+    run_id = hashlib.sha1(str(ctx.run_dir).encode()).hexdigest()[:10]
     for name, logger_cfg in (ctx.cfg.get("logger") or {}).items():
         if logger_cfg is None or "_target_" not in logger_cfg:
             continue
@@ -87,7 +100,7 @@ def make_loggers(ctx: StageContext) -> list:
                 "save_dir": str(ctx.run_dir),
                 "name": f"{run_name}/{ctx.spec.dirname}",
                 "group": run_name,
-                "id": f"{run_name}-{ctx.spec.dirname}".replace("/", "-"),
+                "id": f"{run_id}-{ctx.spec.dirname}",  # stable: a resumed stage continues its wandb run
                 "resume": "allow",
             }
         else:
@@ -135,9 +148,16 @@ def make_trainer(ctx: StageContext, max_steps: int, loggers: list) -> L.Trainer:
     )
 
 
-def evaluate_stage(ctx: StageContext, model, tokenizer, style: str | None) -> dict:
-    """Generation-based evaluation on ``settings.eval.split``; writes ``generations.jsonl``."""
+def stage_styles(settings: DictConfig) -> list[str]:
+    style = settings.get("style")
+    return [str(style)] if isinstance(style, str) else [str(s) for s in style]
+
+
+def evaluate_stage(ctx: StageContext, model, tokenizer) -> dict:
+    """Generation-based evaluation on ``settings.eval.split``, prompted in ``eval.style`` (default: the
+    stage's first style); writes ``generations.jsonl``."""
     eval_cfg = ctx.settings.eval
+    style = str(eval_cfg.get("style") or stage_styles(ctx.settings)[0])
     examples = load_examples(ctx.cfg.data, str(eval_cfg.split))
     if eval_cfg.get("limit"):
         examples = examples[: int(eval_cfg.limit)]
@@ -148,6 +168,7 @@ def evaluate_stage(ctx: StageContext, model, tokenizer, style: str | None) -> di
         tokenizer,
         examples,
         style=style,
+        system_prompt=system_prompt_for(ctx.cfg.data, style),
         batch_size=int(eval_cfg.batch_size),
         max_new_tokens=int(eval_cfg.max_new_tokens),
         description=f"eval {ctx.spec.name}",
@@ -158,27 +179,25 @@ def evaluate_stage(ctx: StageContext, model, tokenizer, style: str | None) -> di
     return {**metrics, "eval_split": str(eval_cfg.split)}
 
 
-def run_sft(ctx: StageContext) -> tuple[dict, Path]:
-    """Supervised fine-tuning on one response style, then (optionally) evaluation of the result."""
+def make_datamodule(ctx: StageContext, tokenizer, store=None) -> PostTrainDataModule:
     settings = ctx.settings
-    model, tokenizer = load_model_and_tokenizer(ctx)
-    max_steps = int(settings.max_steps)
-    datamodule = PostTrainDataModule(
+    return PostTrainDataModule(
         tokenizer,
         data=ctx.cfg.data,
-        style=str(settings.style),
+        style=stage_styles(settings),
         curriculum=settings.curriculum,
         batch_size=int(settings.batch_size),
-        num_batches=max_steps * int(settings.accumulate_grad_batches),
+        num_batches=int(settings.max_steps) * int(settings.accumulate_grad_batches),
         seed=ctx.seed,
         eval_batch_size=int(settings.eval.batch_size),
+        store=store,
     )
-    module = SFTModule(
-        model,
-        optimizer=hydra.utils.instantiate(settings.optimizer),
-        scheduler=hydra.utils.instantiate(settings.scheduler) if settings.get("scheduler") else None,
-        weight_decay=float(settings.weight_decay),
-    )
+
+
+def train_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostTrainDataModule) -> tuple[dict, Path]:
+    """Fit ``module`` for the stage's steps (resuming from ``last.ckpt``), export it, evaluate it."""
+    settings = ctx.settings
+    max_steps = int(settings.max_steps)
     last = ctx.stage_dir / "checkpoints" / "last.ckpt"
     resume_from = str(last) if last.exists() else None
     if resume_from:
@@ -207,15 +226,138 @@ def run_sft(ctx: StageContext) -> tuple[dict, Path]:
     }
     export = export_model(module.model, tokenizer, ctx.stage_dir / "export")
     if settings.eval.enabled:
-        metrics.update(evaluate_stage(ctx, module.model, tokenizer, str(settings.style)))
+        metrics.update(evaluate_stage(ctx, module.model, tokenizer))
     return metrics, export
+
+
+def optimizer_parts(settings: DictConfig) -> dict:
+    return {
+        "optimizer": hydra.utils.instantiate(settings.optimizer),
+        "scheduler": hydra.utils.instantiate(settings.scheduler) if settings.get("scheduler") else None,
+        "weight_decay": float(settings.weight_decay),
+    }
+
+
+def run_sft(ctx: StageContext) -> tuple[dict, Path]:
+    """Supervised fine-tuning on one response style, then (optionally) evaluation of the result."""
+    model, tokenizer = load_model_and_tokenizer(ctx)
+    module = SFTModule(model, **optimizer_parts(ctx.settings))
+    return train_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer))
+
+
+def resolve_store_path(ctx: StageContext) -> Path:
+    """The store a KD stage reads: ``store: auto`` is the latest one scored for its style."""
+    store = ctx.settings.store
+    if store in (None, "auto"):
+        styles = stage_styles(ctx.settings)
+        if len(styles) != 1:
+            raise PipelineConfigError(f"kd stage {ctx.spec.name!r} needs one style (a store covers one); got {styles}")
+        style = styles[0]
+        if style not in ctx.stores:
+            raise PipelineConfigError(
+                f"stage {ctx.spec.name!r} (kd, style={style!r}) has no teacher store: put a `score` stage "
+                f"scoring style {style!r} before it, or set pipeline.stages.{ctx.spec.name}.store=<path>"
+            )
+        return Path(ctx.stores[style])
+    return Path(str(store))
+
+
+def run_kd(ctx: StageContext) -> tuple[dict, Path]:
+    """Distillation from the stored teacher signal (plus CE), then (optionally) evaluation."""
+    store = TeacherStore(resolve_store_path(ctx))
+    model, tokenizer = load_model_and_tokenizer(ctx)
+    loss = OmegaConf.to_container(ctx.settings.loss, resolve=True)
+    module = KDModule(model, loss=loss, **optimizer_parts(ctx.settings))
+    metrics, export = train_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer, store=store))
+    metrics["store"] = str(store.path)
+    return metrics, export
+
+
+def run_score(ctx: StageContext) -> tuple[dict, None]:
+    """Score the teacher over each style's label sequences into a store (reusing a matching one)."""
+    settings = ctx.settings
+    model, tokenizer = load_model_and_tokenizer(ctx)
+    if ctx.start_from is None and ctx.model_cfg.source == "config":
+        console.print(f"[yellow]warning: scoring an untrained {ctx.spec.model!r} (no earlier stage trained it)")
+    k, temperature = int(settings.k), float(settings.temperature)
+    if not 1 <= k <= len(tokenizer):
+        raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.k={k} must be in [1, vocab size {len(tokenizer)}]")
+    teacher_fp, tokenizer_fp = model_fingerprint(model), tokenizer_fingerprint(tokenizer)
+    metrics: dict = {"stores": {}}
+    for style in settings.styles:
+        style = str(style)
+        dm = PostTrainDataModule(tokenizer, ctx.cfg.data, style, ctx.cfg.curriculum, 1, 1)
+        examples = dm.encode_split(str(settings.split))
+        meta = {
+            "teacher": teacher_fp,
+            "tokenizer": tokenizer_fp,
+            "data": {**data_fingerprint(examples), "split": str(settings.split), "style": style},
+            "k": k,
+            "temperature": temperature,
+        }
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+        path = Path(str(settings.store_root)).expanduser().resolve() / f"{style}-{settings.split}-k{k}-{key}"
+        started = time.perf_counter()
+        reused = (path / MANIFEST).exists()
+        if reused:
+            console.print(f"reusing teacher store {path}")
+        else:
+            write_store(ctx, model, path, examples, meta, codec.make_spec(len(tokenizer), k))
+        store = TeacherStore(path)
+        store.check_compatible(tokenizer, examples)
+        nbytes = sum((path / sh["file"]).stat().st_size for sh in store.manifest["shards"])
+        rows = int(store.manifest["total_rows"])
+        metrics["stores"][style] = str(path)
+        metrics[f"{style}_store"] = {
+            "path": str(path),
+            "reused": reused,
+            "examples": len(examples),
+            "label_tokens": rows,
+            "bytes": nbytes,
+            "bytes_per_token": nbytes / max(rows, 1),
+            "bytes_per_entry": nbytes / max(rows * k, 1),
+            "seconds": time.perf_counter() - started,
+        }
+    return metrics, None
+
+
+def write_store(ctx: StageContext, model, path: Path, examples, meta: dict, spec) -> None:
+    """Run ``Trainer.predict`` over the examples not yet in complete shards and finish the store."""
+    settings = ctx.settings
+    writer = StoreWriter(path, examples, meta, spec, shard_size=int(settings.shard_size))
+    pending = writer.pending_examples()
+    if pending:
+        console.print(f"scoring {len(pending)} examples into {path}")
+        collate = Collator(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+
+        def collate_indexed(items):
+            batch = collate([e for _, e in items])
+            batch["indices"] = torch.tensor([i for i, _ in items])
+            return batch
+
+        loader = DataLoader(
+            [(i, examples[i]) for i in pending],
+            batch_size=int(settings.batch_size),
+            shuffle=False,
+            collate_fn=collate_indexed,
+        )
+        scorer = TeacherScorer(
+            model, k=int(settings.k), temperature=float(settings.temperature), chunk_size=int(settings.chunk_size)
+        )
+        trainer = hydra.utils.instantiate(
+            ctx.cfg.trainer,
+            callbacks=[StoreWriterCallback(writer)],
+            logger=False,
+            default_root_dir=str(ctx.stage_dir),
+        )
+        trainer.predict(scorer, dataloaders=loader, return_predictions=False)
+    writer.finalize()
 
 
 def run_eval(ctx: StageContext) -> tuple[dict, None]:
     """Evaluate the model as the previous stage of it left it (a fresh model if none did)."""
     model, tokenizer = load_model_and_tokenizer(ctx)
-    style = ctx.settings.get("style")
-    metrics = evaluate_stage(ctx, model, tokenizer, str(style) if style else None)
+    metrics = evaluate_stage(ctx, model, tokenizer)
     metrics["parameters"] = count_parameters(model)
     return metrics, None
 
@@ -223,6 +365,8 @@ def run_eval(ctx: StageContext) -> tuple[dict, None]:
 STAGE_KINDS: dict[str, Callable[[StageContext], tuple[dict, Path | None]]] = {
     "sft": run_sft,
     "eval": run_eval,
+    "score": run_score,
+    "kd": run_kd,
 }
 
 

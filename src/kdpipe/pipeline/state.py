@@ -35,6 +35,7 @@ class PipelineState:
     run_dir: Path
     stages: list[StageRecord]
     model_paths: dict[str, str | None]
+    stores: dict[str, str] = field(default_factory=dict)  # response style -> latest teacher store (absolute)
     version: int = STATE_VERSION
 
     @classmethod
@@ -55,6 +56,7 @@ class PipelineState:
             run_dir=run_dir,
             stages=[StageRecord(**s) for s in raw["stages"]],
             model_paths=raw["model_paths"],
+            stores=raw.get("stores", {}),
         )
         saved = [s.name for s in state.stages]
         wanted = [s.name for s in specs]
@@ -84,4 +86,5 @@ class PipelineState:
         if export is not None:
             record.export = str(export.relative_to(self.run_dir))
             self.model_paths[record.model] = record.export
+        self.stores.update(metrics.get("stores", {}))
         self.save()

@@ -1,0 +1,88 @@
+"""``KDModule``: distillation from a stored sparse teacher signal, mixed with CE on the labels.
+
+It is an :class:`SFTModule` whose training loss is
+``ce_weight * CE + (1 - ce_weight) * divergence(teacher || student)`` over the teacher's top-k bins plus the
+tail bin (see :mod:`kdpipe.losses.kd`). Batches come from the same ``PostTrainDataModule`` with the teacher
+store joined. Validation stays CE on the labels, so SFT and KD stages report comparable ``val/loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from kdpipe.losses import combine_terms, sparse_kd_terms
+from kdpipe.modules.sft import OptimizerFactory, SchedulerFactory, SFTModule
+
+LOSS_KEYS = ("divergence", "beta", "temperature", "ce_weight", "tail", "normalize")
+
+
+class KDModule(SFTModule):
+    """Train a student on CE plus a divergence to the teacher's stored top-k distribution.
+
+    Args:
+        model, optimizer, scheduler, weight_decay: as for :class:`SFTModule`.
+        loss: the stage's ``loss`` config (``divergence``, ``beta``, ``temperature``, ``ce_weight``,
+            ``tail``, ``normalize``).
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        weight_decay: float = 0.0,
+        loss: DictConfig | dict | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler, weight_decay)
+        loss = dict(loss or {})
+        unknown = set(loss) - set(LOSS_KEYS)
+        if unknown:
+            raise ValueError(f"unknown KD loss option(s) {sorted(unknown)}; options: {list(LOSS_KEYS)}")
+        self.loss_options = loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        opts = self.loss_options
+        terms = sparse_kd_terms(
+            logits,
+            batch["topk_ids"],
+            batch["topk_logprobs"],
+            batch["tail_logprob"],
+            batch["labels"],
+            has_teacher=batch["has_teacher"],
+            **opts,
+        )
+        loss = combine_terms(
+            terms, ce_weight=float(opts.get("ce_weight", 0.0)), normalize=opts.get("normalize", "token")
+        )
+        self.log_diagnostics(terms, batch, loss)
+        return loss
+
+    @torch.no_grad()
+    def log_diagnostics(self, terms, batch: dict, loss: torch.Tensor) -> None:
+        """Loss parts, teacher coverage and agreement, and the divergence per difficulty level."""
+        n = len(batch["ids"])
+        kd_mask, mask = terms.kd_mask, terms.mask
+        kd_count = kd_mask.sum().clamp(min=1)
+        topk_mass = terms.topk_mass.sum() / kd_count
+        self.log_dict(
+            {
+                "train/ce": terms.ce.sum() / mask.sum().clamp(min=1),
+                "train/divergence": terms.divergence.sum() / kd_count,
+                "kd/teacher_topk_mass": topk_mass,
+                "kd/teacher_tail_mass": 1.0 - topk_mass,
+                "kd/top1_agreement": terms.top1_agree.sum() / kd_count,
+                "kd/teacher_coverage": kd_mask.sum() / mask.sum().clamp(min=1),
+            },
+            batch_size=n,
+        )
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if "position_ids" in batch:  # packed rows mix levels; per-level needs row = example
+            return
+        levels = batch["levels"].to(kd_mask.device)
+        for level in levels.unique().tolist():
+            rows = levels == level
+            count = kd_mask[rows].sum()
+            if count > 0:
+                self.log(f"kd/divergence_L{level}", terms.divergence[rows].sum() / count, batch_size=int(rows.sum()))

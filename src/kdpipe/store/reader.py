@@ -1,0 +1,144 @@
+"""Reading a teacher store: memory-mapped shards, random access by example id, verified before use.
+
+``TeacherStore(path)`` reads the manifest and the shards' headers (ids), not their data. Rows are sliced out
+of the memory-mapped safetensors files on demand. Each shard's sha256 is checked the first time it is read
+(``verify=True``), and :meth:`TeacherStore.check_compatible` refuses a store made with another tokenizer or on
+other token sequences, naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import PreTrainedTokenizerBase
+
+from kdpipe.data.encode import EncodedExample
+from kdpipe.store import codec
+from kdpipe.store.fingerprint import example_token_hash, tokenizer_fingerprint
+from kdpipe.store.writer import FORMAT, MANIFEST, VERSION, file_sha256
+from kdpipe.utils.io import read_json
+
+
+class StoreError(ValueError):
+    """A teacher store that is missing, corrupt, or does not match the data it is used with."""
+
+
+@dataclass
+class TeacherRows:
+    """The teacher signal of one example: one row per label position, in position order."""
+
+    topk_ids: torch.Tensor  # [n, k] int64
+    topk_logprobs: torch.Tensor  # [n, k] float32
+    tail_logprob: torch.Tensor  # [n] float32
+    label_logprob: torch.Tensor  # [n] float32
+
+
+class TeacherStore:
+    """A finished teacher store, opened for reading."""
+
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            raise StoreError(f"{self.path} is not a finished teacher store: no {MANIFEST}")
+        self.manifest = read_json(manifest_path)
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise StoreError(
+                f"{manifest_path}: format {self.manifest.get('format')!r} v{self.manifest.get('version')}, "
+                f"expected {FORMAT!r} v{VERSION}"
+            )
+        self.spec = codec.CodecSpec.from_dict(self.manifest["codec"])
+        self.verify = verify
+        self._verified: set[int] = set()
+        self._handles: dict[int, object] = {}
+        self._offsets: dict[int, torch.Tensor] = {}
+        self.index: dict[str, tuple[int, int]] = {}
+        self.token_hashes: dict[str, str] = {}
+        for shard_idx, shard in enumerate(self.manifest["shards"]):
+            file = self.path / shard["file"]
+            if not file.exists():
+                raise StoreError(f"teacher store {self.path}: shard {shard['file']} is missing")
+            with safe_open(str(file), framework="np") as f:
+                meta = f.metadata() or {}
+            ids, hashes = json.loads(meta.get("ids", "[]")), json.loads(meta.get("token_hashes", "[]"))
+            if len(ids) != shard["examples"]:
+                raise StoreError(
+                    f"teacher store {self.path}: shard {shard['file']} lists {len(ids)} examples, "
+                    f"manifest says {shard['examples']}"
+                )
+            for local, (example_id, token_hash) in enumerate(zip(ids, hashes)):
+                self.index[example_id] = (shard_idx, local)
+                self.token_hashes[example_id] = token_hash
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, example_id: str) -> bool:
+        return example_id in self.index
+
+    def _open(self, shard_idx: int):
+        if shard_idx not in self._handles:
+            shard = self.manifest["shards"][shard_idx]
+            file = self.path / shard["file"]
+            if self.verify and shard_idx not in self._verified:
+                if file_sha256(file) != shard["sha256"]:
+                    raise StoreError(f"teacher store {self.path}: checksum mismatch in shard {shard['file']}")
+                self._verified.add(shard_idx)
+            self._handles[shard_idx] = safe_open(str(file), framework="np")
+            self._offsets[shard_idx] = torch.from_numpy(self._handles[shard_idx].get_tensor("offsets"))
+        return self._handles[shard_idx]
+
+    def verify_all(self) -> None:
+        """Check every shard's checksum now (instead of on first read)."""
+        for shard_idx in range(len(self.manifest["shards"])):
+            self._open(shard_idx)
+
+    def get(self, example_id: str) -> TeacherRows:
+        """The teacher rows of one example."""
+        if example_id not in self.index:
+            raise StoreError(f"teacher store {self.path} has no example {example_id!r}")
+        shard_idx, local = self.index[example_id]
+        handle = self._open(shard_idx)
+        start, stop = (int(x) for x in self._offsets[shard_idx][local : local + 2])
+        names = [n for n in handle.keys() if n != "offsets"]  # noqa: SIM118 (safe_open has no __iter__)
+        arrays = {name: handle.get_slice(name)[start:stop] for name in names}
+        return TeacherRows(*codec.decode(self.spec, arrays))
+
+    def check_compatible(self, tokenizer: PreTrainedTokenizerBase, examples: list[EncodedExample]) -> None:
+        """Refuse a store made with another tokenizer, or on other token sequences than ``examples``."""
+        saved, mine = self.manifest["tokenizer"], tokenizer_fingerprint(tokenizer)
+        problems = []
+        if saved["vocab_size"] != mine["vocab_size"]:
+            problems.append(f"vocab size {saved['vocab_size']} (store) != {mine['vocab_size']} (student tokenizer)")
+        elif saved["vocab_sha256"] != mine["vocab_sha256"]:
+            problems.append("the vocabularies differ (same size, different tokens or ids)")
+        if saved["chat_template_sha256"] != mine["chat_template_sha256"]:
+            problems.append("the chat templates differ")
+        if not problems and saved["sha256"] != mine["sha256"]:
+            problems.append("the special tokens differ")
+        if problems:
+            raise StoreError(f"teacher store {self.path} does not match the student's tokenizer: {'; '.join(problems)}")
+        missing = [e.id for e in examples if e.id not in self.index]
+        if missing:
+            raise StoreError(
+                f"teacher store {self.path} lacks {len(missing)} of the dataset's {len(examples)} examples "
+                f"(e.g. {missing[:3]}): it was scored on other data"
+            )
+        changed = [e.id for e in examples if self.token_hashes[e.id] != example_token_hash(e)]
+        if changed:
+            raise StoreError(
+                f"teacher store {self.path}: {len(changed)} examples were tokenized differently when scored "
+                f"(e.g. {changed[:3]}): the data, its response style or max_length changed"
+            )
