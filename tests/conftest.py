@@ -38,6 +38,7 @@ def tiny_cfg(tmp_path):
     """A factory: the tiny pipeline config with extra overrides, running in a fresh tmp dir."""
 
     def make(*extra: str, run_dir: Path | None = None) -> DictConfig:
-        return compose_cfg([*TINY, *extra], run_dir or tmp_path / "run")
+        # paths.root_dir too: shared outputs (teacher stores under logs/stores) stay in the test's tmp dir
+        return compose_cfg([*TINY, f"paths.root_dir={tmp_path}", *extra], run_dir or tmp_path / "run")
 
     return make

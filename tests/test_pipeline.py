@@ -18,8 +18,8 @@ def test_tiny_pipeline_writes_every_output(tiny_cfg, tmp_path):
     payload = train(tiny_cfg())
     assert time.perf_counter() - started < 60
     run = tmp_path / "run"
-    names = ["01_teacher_sft", "02_sft_reasoning", "03_sft_fast", "04_eval_student"]
-    for name in names[:3]:
+    trained = ["01_teacher_sft", "03_sft_reasoning", "04_sft_fast", "05_kd_fast"]
+    for name in trained:
         stage = run / name
         assert (stage / "checkpoints" / "last.ckpt").exists()
         assert (stage / "export" / "model.safetensors").exists()
@@ -27,22 +27,55 @@ def test_tiny_pipeline_writes_every_output(tiny_cfg, tmp_path):
         metrics = json.loads((stage / "metrics.json").read_text())["metrics"]
         assert {"accuracy", "accuracy_by_level", "mean_response_tokens", "train_loss", "tokens_per_s"} <= set(metrics)
         assert (stage / "generations.jsonl").exists()
-    assert json.loads((run / "04_eval_student" / "metrics.json").read_text())["metrics"]["num_examples"] == 20
+    kd = json.loads((run / "05_kd_fast" / "metrics.json").read_text())["metrics"]
+    for key in ("kd_teacher_topk_mass", "kd_top1_agreement", "kd_teacher_coverage", "train_divergence", "train_ce"):
+        assert key in kd, key
+    assert kd["kd_teacher_coverage"] == 1.0  # every label position of the fast data was scored
+    assert any(key.startswith("kd_divergence_L") for key in kd)
+    score = json.loads((run / "02_score" / "metrics.json").read_text())["metrics"]
+    assert set(score["stores"]) == {"reasoning", "fast"}
+    # k=8 here: per-row fields and shard headers weigh more than at k=64 (the codec tests check 3 bytes there)
+    assert not score["fast_store"]["reused"] and score["fast_store"]["bytes_per_entry"] < 5
+    assert json.loads((run / "06_eval_student" / "metrics.json").read_text())["metrics"]["num_examples"] == 20
     results = json.loads((run / "results.json").read_text())
     assert results == json.loads(json.dumps(payload))
-    assert [s["name"] for s in results["stages"]] == ["teacher_sft", "sft_reasoning", "sft_fast", "eval_student"]
+    assert [s["name"] for s in results["stages"]] == [
+        "teacher_sft",
+        "score",
+        "sft_reasoning",
+        "sft_fast",
+        "kd_fast",
+        "eval_student",
+    ]
     for stage in results["stages"]:
         assert {"name", "kind", "model", "metrics"} <= set(stage)
-        assert set(stage["metrics"]["accuracy_by_level"]) == {"1", "2", "3", "4", "5"}
-    assert "| sft_fast |" in (run / "results.md").read_text()
+        if stage["kind"] != "score":
+            assert set(stage["metrics"]["accuracy_by_level"]) == {"1", "2", "3", "4", "5"}
+    assert "| kd_fast |" in (run / "results.md").read_text()
     assert (run / "results.png").read_bytes()[:4] == b"\x89PNG"
     state = json.loads((run / "pipeline_state.json").read_text())
     assert all(s["status"] == "done" for s in state["stages"])
-    assert state["model_paths"] == {"teacher": "01_teacher_sft/export", "student": "03_sft_fast/export"}
+    assert state["model_paths"] == {"teacher": "01_teacher_sft/export", "student": "05_kd_fast/export"}
+    assert state["stores"] == score["stores"]
     assert (run / "config.yaml").exists() and (run / "config_tree.log").exists()
     # the eval stage evaluated the export of the student's last training stage
-    generations_fast = (run / "03_sft_fast" / "generations.jsonl").read_text()
-    assert generations_fast == (run / "04_eval_student" / "generations.jsonl").read_text()
+    generations = (run / "05_kd_fast" / "generations.jsonl").read_text()
+    assert generations == (run / "06_eval_student" / "generations.jsonl").read_text()
+
+
+def test_a_second_run_reuses_the_teacher_store_instead_of_rescoring(tiny_cfg, tmp_path):
+    order = "pipeline.order=[teacher_sft,score,kd_fast]"
+    train(tiny_cfg(order, run_dir=tmp_path / "first"))
+    first = json.loads((tmp_path / "first" / "02_score" / "metrics.json").read_text())["metrics"]
+    train(tiny_cfg(order, run_dir=tmp_path / "second"))
+    second = json.loads((tmp_path / "second" / "02_score" / "metrics.json").read_text())["metrics"]
+    assert second["stores"] == first["stores"]  # the same teacher, data, k and T: the same store
+    assert second["fast_store"]["reused"] and second["reasoning_store"]["reused"]
+
+
+def test_kd_without_a_store_is_refused(tiny_cfg):
+    with pytest.raises(PipelineConfigError, match=r"has no teacher store: put a `score` stage"):
+        train(tiny_cfg("pipeline.order=[kd_fast]"))
 
 
 def test_each_stage_starts_from_the_previous_stage_of_its_model(tiny_cfg, tmp_path):
@@ -61,30 +94,28 @@ def test_each_stage_starts_from_the_previous_stage_of_its_model(tiny_cfg, tmp_pa
 
 
 def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
-    order = "pipeline.order=[teacher_sft,sft_reasoning]"
+    order = "pipeline.order=[teacher_sft,score,kd_fast]"
     reference_dir = tmp_path / "reference"
     train(tiny_cfg(order, run_dir=reference_dir))
 
     crashed_dir = tmp_path / "crashed"
     marker = tmp_path / "crashed.marker"
-    crash = (
-        f"+callbacks.crash={{_target_: tests.helpers.CrashAt, stage: 02_sft_reasoning, step: 6, marker: '{marker}'}}"
-    )
+    crash = f"+callbacks.crash={{_target_: tests.helpers.CrashAt, stage: 03_kd_fast, step: 4, marker: '{marker}'}}"
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_cfg(order, crash, run_dir=crashed_dir))
     state = json.loads((crashed_dir / "pipeline_state.json").read_text())
-    assert [s["status"] for s in state["stages"]] == ["done", "running"]
-    ckpt = torch.load(crashed_dir / "02_sft_reasoning" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 4  # the checkpoint before the crash
+    assert [s["status"] for s in state["stages"]] == ["done", "done", "running"]
+    ckpt = torch.load(crashed_dir / "03_kd_fast" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3  # the checkpoint before the crash
     teacher_mtime = (crashed_dir / "01_teacher_sft" / "export" / "model.safetensors").stat().st_mtime
 
     payload = train(tiny_cfg(f"resume={crashed_dir}"))
-    assert [s["status"] for s in payload["stages"]] == ["done", "done"]
+    assert [s["status"] for s in payload["stages"]] == ["done", "done", "done"]
     # the finished stage was skipped, not redone
     assert (crashed_dir / "01_teacher_sft" / "export" / "model.safetensors").stat().st_mtime == teacher_mtime
     # the resumed stage saw the same batches from the same state: identical weights
-    resumed = load_file(crashed_dir / "02_sft_reasoning" / "export" / "model.safetensors")
-    reference = load_file(reference_dir / "02_sft_reasoning" / "export" / "model.safetensors")
+    resumed = load_file(crashed_dir / "03_kd_fast" / "export" / "model.safetensors")
+    reference = load_file(reference_dir / "03_kd_fast" / "export" / "model.safetensors")
     for key in reference:
         assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
 

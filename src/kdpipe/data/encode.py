@@ -93,6 +93,4 @@ def encode_example(
         return None
     # position t predicts token t+1; it is a label when token t+1 is an assistant token
     labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
-    return EncodedExample(
-        id=str(example["id"]), input_ids=ids, labels=labels, level=example.get("level"), style=style
-    )
+    return EncodedExample(id=str(example["id"]), input_ids=ids, labels=labels, level=example.get("level"), style=style)

@@ -64,7 +64,8 @@ class TeacherStore:
                 raise StoreError(f"teacher store {self.path}: shard {shard['file']} is missing")
             with safe_open(str(file), framework="np") as f:
                 meta = f.metadata() or {}
-            ids, hashes = json.loads(meta.get("ids", "[]")), json.loads(meta.get("token_hashes", "[]"))
+            header = json.loads(meta.get("kdpipe", "{}"))
+            ids, hashes = header.get("ids", []), header.get("token_hashes", [])
             if len(ids) != shard["examples"]:
                 raise StoreError(
                     f"teacher store {self.path}: shard {shard['file']} lists {len(ids)} examples, "

@@ -123,10 +123,17 @@ class StoreWriter:
         lengths = [next(iter(p.values())).shape[0] for p in parts]
         tensors = {key: np.concatenate([p[key] for p in parts], axis=0) for key in parts[0]}
         tensors["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        # one metadata key: safetensors writes header metadata from a hash map, so several keys would come out
+        # in a different order in each process and the shard bytes would no longer be reproducible
         metadata = {
-            "ids": json.dumps([self.examples[i].id for i in indices]),
-            "token_hashes": json.dumps([example_token_hash(self.examples[i]) for i in indices]),
-            "shard": str(shard),
+            "kdpipe": json.dumps(
+                {
+                    "shard": shard,
+                    "ids": [self.examples[i].id for i in indices],
+                    "token_hashes": [example_token_hash(self.examples[i]) for i in indices],
+                },
+                sort_keys=True,
+            )
         }
         final = self.path / shard_name(shard)
         tmp = final.with_name(f".{final.name}.tmp")

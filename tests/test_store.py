@@ -1,0 +1,190 @@
+"""The teacher store: scoring, round trip, verification, mismatch refusal, crash-safe resumable writing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdpipe.data.arith import generate_split
+from kdpipe.data.collate import Collator, KDCollator
+from kdpipe.data.encode import IGNORE_INDEX, encode_example
+from kdpipe.data.tokenizer import build_char_tokenizer
+from kdpipe.modules.scorer import topk_signal
+from kdpipe.store import codec
+from kdpipe.store.fingerprint import data_fingerprint, tokenizer_fingerprint
+from kdpipe.store.reader import StoreError, TeacherStore
+from kdpipe.store.writer import MANIFEST, StoreWriter
+
+K = 8
+
+
+def encoded(tokenizer, n_per_level=3, style="reasoning"):
+    return [encode_example(tokenizer, e, style) for e in generate_split("val", n_per_level, seed=0)]
+
+
+def fake_teacher_rows(example, vocab, seed):
+    """Random but valid teacher rows for one example (one per label position)."""
+    g = torch.Generator().manual_seed(seed)
+    n = example.num_label_tokens
+    logprobs = torch.log_softmax(torch.randn(n, vocab, generator=g) * 3, dim=-1)
+    labels = torch.tensor([t for t in example.labels if t != IGNORE_INDEX])
+    return topk_signal(logprobs, labels, K)
+
+
+def write_store(path, tokenizer, examples, shard_size=4):
+    spec = codec.make_spec(len(tokenizer), K)
+    meta = {
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": data_fingerprint(examples),
+        "k": K,
+        "temperature": 1.0,
+        "teacher": {"weights_sha256": "test"},
+    }
+    writer = StoreWriter(path, examples, meta, spec, shard_size=shard_size)
+    rows = {}
+    for i in writer.pending_examples():
+        rows[i] = fake_teacher_rows(examples[i], len(tokenizer), seed=i)
+        writer.add(i, *rows[i])
+    writer.finalize()
+    return spec, rows
+
+
+def test_topk_signal_matches_a_float64_reference():
+    logits = torch.randn(5, 30) * 2
+    labels = torch.tensor([0, 3, 7, 29, 11])
+    ids, lps, tail, label_lp = topk_signal(logits, labels, k=6, temperature=2.0)
+    ref = torch.log_softmax(logits.double() / 2.0, dim=-1)
+    assert torch.equal(ids, ref.topk(6).indices)
+    assert torch.allclose(lps.double(), ref.gather(-1, ids), atol=1e-6)
+    assert torch.allclose(tail.double().exp(), 1 - ref.gather(-1, ids).exp().sum(-1), atol=1e-6)
+    assert torch.allclose(label_lp.double(), ref.gather(-1, labels[:, None]).squeeze(-1), atol=1e-6)
+    _, _, tail_full, _ = topk_signal(logits, labels, k=30)
+    assert torch.isneginf(tail_full).all()  # k = V: no tail mass at all
+
+
+def test_round_trip_by_example_id(tokenizer, tmp_path):
+    examples = encoded(tokenizer)
+    spec, rows = write_store(tmp_path / "store", tokenizer, examples)
+    store = TeacherStore(tmp_path / "store")
+    assert len(store) == len(examples) and store.k == K
+    manifest = json.loads((tmp_path / "store" / MANIFEST).read_text())
+    assert len(manifest["shards"]) == -(-len(examples) // 4)
+    assert manifest["total_rows"] == sum(e.num_label_tokens for e in examples)
+    for i in reversed(range(len(examples))):  # random access, any order
+        got = store.get(examples[i].id)
+        want = codec.decode(spec, codec.encode(spec, *rows[i]))
+        assert torch.equal(got.topk_ids, rows[i][0])
+        for a, b in zip((got.topk_ids, got.topk_logprobs, got.tail_logprob, got.label_logprob), want):
+            assert torch.equal(a, b)
+        # within the codec's error of the float32 teacher
+        assert torch.allclose(got.topk_logprobs.exp(), rows[i][1].exp(), atol=2e-2)
+    store.check_compatible(tokenizer, examples)
+
+
+def test_corrupted_shard_is_detected_and_named(tokenizer, tmp_path):
+    examples = encoded(tokenizer)
+    write_store(tmp_path / "store", tokenizer, examples)
+    shard = tmp_path / "store" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = TeacherStore(tmp_path / "store")
+    store.get(examples[0].id)  # shard 0 is intact
+    with pytest.raises(StoreError, match="checksum mismatch in shard shard-00001.safetensors"):
+        store.get(examples[5].id)
+    with pytest.raises(StoreError, match="shard-00001"):
+        TeacherStore(tmp_path / "store").verify_all()
+
+
+def test_tokenizer_mismatch_is_refused_naming_the_difference(tokenizer, tmp_path):
+    examples = encoded(tokenizer)
+    write_store(tmp_path / "store", tokenizer, examples)
+    store = TeacherStore(tmp_path / "store")
+    other = build_char_tokenizer()
+    other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    with pytest.raises(StoreError, match="chat templates differ"):
+        store.check_compatible(other, examples)
+    bigger = build_char_tokenizer()
+    bigger.add_tokens(["<tool>"])
+    with pytest.raises(StoreError, match=r"vocab size 104 \(store\) != 105"):
+        store.check_compatible(bigger, examples)
+
+
+def test_dataset_mismatch_is_refused(tokenizer, tmp_path):
+    examples = encoded(tokenizer)
+    write_store(tmp_path / "store", tokenizer, examples)
+    store = TeacherStore(tmp_path / "store")
+    store.check_compatible(tokenizer, examples[:5])  # a subset of the scored data is fine
+    fast = encoded(tokenizer, style="fast")
+    with pytest.raises(StoreError, match="tokenized differently"):
+        store.check_compatible(tokenizer, fast)
+    others = [encode_example(tokenizer, e, "reasoning") for e in generate_split("test", 2, seed=0)]
+    with pytest.raises(StoreError, match="lacks"):
+        store.check_compatible(tokenizer, others)
+
+
+def test_writer_refuses_to_mix_two_stores_in_one_directory(tokenizer, tmp_path):
+    examples = encoded(tokenizer)
+    write_store(tmp_path / "store", tokenizer, examples)
+    spec = codec.make_spec(len(tokenizer), K + 1)
+    with pytest.raises(ValueError, match="different teacher store"):
+        StoreWriter(tmp_path / "store", examples, {"k": K + 1}, spec)
+
+
+def test_kd_collator_puts_teacher_rows_at_label_positions(tokenizer, tmp_path):
+    examples = encoded(tokenizer)
+    write_store(tmp_path / "store", tokenizer, examples)
+    store = TeacherStore(tmp_path / "store")
+    for packing in (False, True):
+        batch = KDCollator(Collator(tokenizer.pad_token_id, packing=packing), store)(examples[:4])
+        assert torch.equal(batch["has_teacher"], batch["labels"] != IGNORE_INDEX)
+        offset = 0
+        for i, e in enumerate(examples[:4]):
+            row = 0 if packing else i
+            base = offset if packing else 0
+            positions = [base + t for t, label in enumerate(e.labels) if label != IGNORE_INDEX]
+            rows = store.get(e.id)
+            assert torch.equal(batch["topk_ids"][row, positions], rows.topk_ids)
+            assert torch.equal(batch["topk_logprobs"][row, positions], rows.topk_logprobs)
+            offset += len(e.input_ids)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from kdpipe.store import writer as w
+from tests.test_store import encoded, write_store
+from kdpipe.data.tokenizer import build_char_tokenizer
+kill_after = int(sys.argv[2])
+original = w.StoreWriter._write_shard
+written = []
+def write_then_maybe_die(self, shard):
+    original(self, shard)
+    written.append(shard)
+    if len(written) == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+w.StoreWriter._write_shard = write_then_maybe_die
+tok = build_char_tokenizer()
+write_store(sys.argv[1], tok, encoded(tok))
+"""
+
+
+def test_killed_writer_resumes_to_an_identical_store(tmp_path):
+    script = tmp_path / "score.py"
+    script.write_text(KILL_SCRIPT.format(root=str(Path(__file__).resolve().parents[1])))
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    assert subprocess.run([sys.executable, str(script), str(reference), "0"]).returncode == 0
+    killed = subprocess.run([sys.executable, str(script), str(crashed), "2"])
+    assert killed.returncode == -9  # SIGKILL mid-way
+    assert not (crashed / MANIFEST).exists()
+    assert len(list(crashed.glob("shard-*.safetensors"))) == 2
+    assert subprocess.run([sys.executable, str(script), str(crashed), "0"]).returncode == 0
+    ref_files = sorted(p.name for p in reference.iterdir())
+    assert ref_files == sorted(p.name for p in crashed.iterdir())
+    for name in ref_files:
+        assert (reference / name).read_bytes() == (crashed / name).read_bytes(), name
