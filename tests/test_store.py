@@ -95,7 +95,7 @@ def test_corrupted_shard_is_detected_and_named(tokenizer, tmp_path):
     shard.write_bytes(bytes(data))
     store = TeacherStore(tmp_path / "store")
     store.get(examples[0].id)  # shard 0 is intact
-    with pytest.raises(StoreError, match="checksum mismatch in shard shard-00001.safetensors"):
+    with pytest.raises(StoreError, match=r"checksum mismatch in shard shard-00001\.safetensors"):
         store.get(examples[5].id)
     with pytest.raises(StoreError, match="shard-00001"):
         TeacherStore(tmp_path / "store").verify_all()

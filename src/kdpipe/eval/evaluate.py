@@ -63,8 +63,9 @@ def evaluate_model(
     """Greedy-generate an answer for every example and score it.
 
     ``system_prompt`` asks for a response style (e.g. the ``fast`` style's guidance); ``style`` names the
-    reference responses the teacher-forced ``loss`` is computed on. Returns the metrics (``accuracy``, ``accuracy_by_level``, ``mean_response_tokens``, ``loss`` on the
-    ``style`` responses when given, ...) and one record per example (id, level, response, correct).
+    reference responses the teacher-forced ``loss`` is computed on. Returns the metrics (``accuracy``,
+    ``accuracy_by_level``, ``mean_response_tokens``, ``loss`` on the ``style`` responses when given, ...)
+    and one record per example (id, level, response, correct).
     """
     started = time.perf_counter()
     generations = generate_responses(
