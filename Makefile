@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kdpipe-installed
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo test test-all bench lint format clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,9 @@ test: install  ## the test suite (excludes @pytest.mark.slow)
 
 test-all: install  ## every test, slow ones included
 	$(PY) -m pytest $(ARGS)
+
+bench: install  ## every benchmark: prints tables, writes JSON under logs/bench/
+	$(VENV)/bin/kdpipe-bench store --json logs/bench/store.json
 
 lint: install
 	$(VENV)/bin/ruff check src tests

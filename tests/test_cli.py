@@ -68,3 +68,23 @@ def test_train_cli_bad_input_exits_with_a_clear_message(tmp_path):
 def test_eval_cli_missing_model_dir(tmp_path):
     proc = run([str(BIN / "kdpipe-eval"), f"model_path={tmp_path / 'none'}"], tmp_path)
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
+
+
+def test_cache_cli_scores_a_teacher_export_and_reuses_the_store(trained_run, tmp_path):
+    teacher = trained_run / "01_teacher_sft" / "export"
+    cmd = [
+        str(BIN / "kdpipe-cache"),
+        f"teacher_path={teacher}",
+        "data.n_train_per_level=5",
+        "score.k=8",
+        "score.styles=[fast]",
+        f"score.store_root={tmp_path / 'stores'}",
+    ]
+    first = run(cmd, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stores = list((tmp_path / "stores").iterdir())
+    assert len(stores) == 1 and (stores[0] / "manifest.json").exists()
+    again = run(cmd, tmp_path)
+    assert again.returncode == 0 and "reused" in again.stdout
+    missing = run([str(BIN / "kdpipe-cache"), f"teacher_path={tmp_path / 'nope'}"], tmp_path)
+    assert missing.returncode == 2 and "not a directory" in missing.stderr

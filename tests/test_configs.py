@@ -48,14 +48,24 @@ def test_eval_config_composes(tmp_path):
     assert cfg.split == "test"
 
 
-def test_default_pipeline_is_teacher_then_student_reasoning_then_fast(tmp_path):
+def test_cache_config_composes(tmp_path):
+    cfg = compose_cfg(["teacher_path=/some/export"], tmp_path, config_name="cache")
+    OmegaConf.resolve(cfg)
+    assert cfg.score.kind == "score" and cfg.score.k >= 1
+
+
+def test_default_pipeline_is_teacher_score_then_student_sft_reasoning_fast_then_kd(tmp_path):
     cfg = compose_cfg([], tmp_path)
     specs = resolve_stages(cfg, set(STAGE_KINDS))
-    assert [(s.name, s.kind, s.model, s.config.style) for s in specs] == [
-        ("teacher_sft", "sft", "teacher", "reasoning"),
-        ("sft_reasoning", "sft", "student", "reasoning"),
-        ("sft_fast", "sft", "student", "fast"),
+    assert [(s.name, s.kind, s.model) for s in specs] == [
+        ("teacher_sft", "sft", "teacher"),
+        ("score", "score", "teacher"),
+        ("sft_reasoning", "sft", "student"),
+        ("sft_fast", "sft", "student"),
+        ("kd_fast", "kd", "student"),
     ]
+    styles = [s.config.get("style") for s in specs]
+    assert styles == [["reasoning", "fast"], None, "reasoning", "fast", "fast"]
     # the teacher is several times larger than the student
     t, s = cfg.models.teacher.arch, cfg.models.student.arch
     assert t.hidden_size * t.num_hidden_layers >= 4 * s.hidden_size * s.num_hidden_layers

@@ -16,9 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from torch.utils.data import DataLoader
 
-from kdpipe.data.collate import Collator
 from kdpipe.data.datamodule import PostTrainDataModule
 from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.sources import load_examples
@@ -28,7 +26,7 @@ from kdpipe.modules import KDModule, SFTModule
 from kdpipe.modules.scorer import TeacherScorer
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
 from kdpipe.store import codec
-from kdpipe.store.callback import StoreWriterCallback
+from kdpipe.store.callback import ScoreDataModule, StoreWriterCallback
 from kdpipe.store.fingerprint import data_fingerprint, model_fingerprint, tokenizer_fingerprint
 from kdpipe.store.reader import TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
@@ -322,36 +320,28 @@ def run_score(ctx: StageContext) -> tuple[dict, None]:
 
 
 def write_store(ctx: StageContext, model, path: Path, examples, meta: dict, spec) -> None:
-    """Run ``Trainer.predict`` over the examples not yet in complete shards and finish the store."""
+    """Score the examples not yet in complete shards with ``Trainer.predict``; rank 0 writes the manifest."""
     settings = ctx.settings
-    writer = StoreWriter(path, examples, meta, spec, shard_size=int(settings.shard_size))
-    pending = writer.pending_examples()
-    if pending:
-        console.print(f"scoring {len(pending)} examples into {path}")
-        collate = Collator(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
 
-        def collate_indexed(items):
-            batch = collate([e for _, e in items])
-            batch["indices"] = torch.tensor([i for i, _ in items])
-            return batch
+    def make_writer(rank: int, world_size: int) -> StoreWriter:
+        return StoreWriter(path, examples, meta, spec, int(settings.shard_size), rank, world_size)
 
-        loader = DataLoader(
-            [(i, examples[i]) for i in pending],
-            batch_size=int(settings.batch_size),
-            shuffle=False,
-            collate_fn=collate_indexed,
-        )
-        scorer = TeacherScorer(
-            model, k=int(settings.k), temperature=float(settings.temperature), chunk_size=int(settings.chunk_size)
-        )
-        trainer = hydra.utils.instantiate(
-            ctx.cfg.trainer,
-            callbacks=[StoreWriterCallback(writer)],
-            logger=False,
-            default_root_dir=str(ctx.stage_dir),
-        )
-        trainer.predict(scorer, dataloaders=loader, return_predictions=False)
-    writer.finalize()
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    data = ScoreDataModule(examples, make_writer, int(settings.batch_size), pad_id)
+    scorer = TeacherScorer(model, int(settings.k), float(settings.temperature), int(settings.chunk_size))
+    trainer = hydra.utils.instantiate(
+        ctx.cfg.trainer,
+        callbacks=[StoreWriterCallback(data)],
+        logger=False,
+        default_root_dir=str(ctx.stage_dir),
+        use_distributed_sampler=False,  # each rank scores its own shards
+    )
+    console.print(f"scoring {len(examples)} examples into {path} (complete shards are kept)")
+    trainer.predict(scorer, datamodule=data, return_predictions=False)
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        make_writer(0, 1).finalize()
+    trainer.strategy.barrier()
 
 
 def run_eval(ctx: StageContext) -> tuple[dict, None]:

@@ -1,0 +1,49 @@
+"""``kdpipe-bench``: benchmarks that print a table and optionally write JSON.
+
+kdpipe-bench store --json bench/store.json          # teacher-store size, error and speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    keys = list(rows[0])
+    for key in keys:
+        table.add_column(key, justify="right")
+    for row in rows:
+        table.add_row(*[f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys])
+    Console(width=max(Console().width, 160)).print(table)
+
+
+def bench_store(args: argparse.Namespace) -> dict:
+    from kdpipe.benchmarks.store import run
+
+    rows = [run(vocab=v, k=k, positions=args.positions) for v, k in ((49152, 64), (49152, 128), (153376, 64))]
+    print_table("teacher store (synthetic LM-shaped teacher)", rows)
+    return {"store": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kdpipe-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    store = sub.add_parser("store", help="teacher-store bytes per entry, KL error, write/read speed")
+    store.add_argument("--positions", type=int, default=16384, help="label positions to store")
+    store.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    result = {"store": bench_store}[args.bench](args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written {args.json}")
+
+
+if __name__ == "__main__":
+    main()

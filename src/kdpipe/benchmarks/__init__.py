@@ -1,0 +1,1 @@
+"""Benchmarks run by ``kdpipe-bench`` (and ``make bench``)."""
