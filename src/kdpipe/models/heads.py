@@ -25,6 +25,7 @@ def lm_head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits in float32 for hidden states [..., H]."""
-    logits = hidden.float() @ weight.float().t()
-    return logits + bias.float() if bias is not None else logits
+    """Logits in float32 for hidden states [..., H], also under bf16/fp16 autocast (which would round them)."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = hidden.float() @ weight.float().t()
+        return logits + bias.float() if bias is not None else logits

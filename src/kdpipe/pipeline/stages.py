@@ -335,6 +335,7 @@ def write_store(ctx: StageContext, model, path: Path, examples, meta: dict, spec
         logger=False,
         default_root_dir=str(ctx.stage_dir),
         use_distributed_sampler=False,  # each rank scores its own shards
+        **({"precision": settings.precision} if settings.get("precision") else {}),
     )
     console.print(f"scoring {len(examples)} examples into {path} (complete shards are kept)")
     trainer.predict(scorer, datamodule=data, return_predictions=False)
