@@ -54,20 +54,19 @@ def test_cache_config_composes(tmp_path):
     assert cfg.score.kind == "score" and cfg.score.k >= 1
 
 
-def test_default_pipeline_is_teacher_score_then_student_sft_reasoning_fast_then_kd(tmp_path):
+def test_default_pipeline_is_teacher_score_then_the_alternation(tmp_path):
     cfg = compose_cfg([], tmp_path)
     specs = resolve_stages(cfg, set(STAGE_KINDS))
     assert [(s.name, s.kind, s.model) for s in specs] == [
         ("teacher_sft", "sft", "teacher"),
-        ("teacher_mix", "sft", "teacher"),
-        ("eval_teacher_fast", "eval", "teacher"),
         ("score", "score", "teacher"),
         ("sft_reasoning", "sft", "student"),
+        ("kd_reasoning", "kd", "student"),
         ("sft_fast", "sft", "student"),
         ("kd_fast", "kd", "student"),
     ]
     styles = [s.config.get("style") for s in specs]
-    assert styles == ["reasoning", ["reasoning", "fast"], "fast", None, "reasoning", "fast", "fast"]
+    assert styles == ["reasoning", None, "reasoning", "reasoning", "fast", "fast"]
     # the teacher is several times larger than the student
     t, s = cfg.models.teacher.arch, cfg.models.student.arch
     assert t.hidden_size * t.num_hidden_layers >= 4 * s.hidden_size * s.num_hidden_layers
