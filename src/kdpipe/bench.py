@@ -20,7 +20,7 @@ def print_table(title: str, rows: list[dict]) -> None:
         table.add_column(key, justify="right")
     for row in rows:
         table.add_row(*[f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys])
-    Console(width=max(Console().width, 160)).print(table)
+    Console(width=max(Console().width, 230)).print(table)
 
 
 def bench_store(args: argparse.Namespace) -> dict:

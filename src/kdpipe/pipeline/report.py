@@ -85,7 +85,7 @@ def plot_accuracy(payload: dict, path: Path) -> bool:
 
     levels = _levels(stages)
     groups = [f"L{lvl}" for lvl in levels] + ["all"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(stages)) / 2), 4))
+    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.25 * len(groups) * len(stages) + len(groups)), 4.2))
     width = 0.8 / len(stages)
     for i, s in enumerate(stages):
         by_level = s["metrics"].get("accuracy_by_level") or {}
@@ -96,7 +96,7 @@ def plot_accuracy(payload: dict, path: Path) -> bool:
     ax.set_ylabel("exact match (%)")
     ax.set_ylim(0, 105)
     ax.set_title("Accuracy per stage and difficulty level")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
