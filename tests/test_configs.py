@@ -36,6 +36,8 @@ def test_every_config_file_composes(group, option, tmp_path):
             overrides = [f"stage@stage_defaults.{option}={option}"]
     else:
         overrides = [f"{key}={option}"]
+    if group == "experiment" and option == "kd_divergences":
+        overrides.append("models.teacher.path=/some/teacher/export")
     cfg = compose_cfg(overrides, tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     specs = resolve_stages(cfg, set(STAGE_KINDS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,20 @@ def test_config_key_typo_fails_at_composition(tiny_cfg):
 
     with pytest.raises(ConfigCompositionException, match="max_step"):
         tiny_cfg("trainer.max_step=3")
+
+
+def test_a_pretrained_teacher_export_is_loaded_with_its_own_tokenizer(tiny_cfg, tmp_path):
+    train(tiny_cfg("pipeline.order=[teacher_sft]", run_dir=tmp_path / "teacher"))
+    export = tmp_path / "teacher" / "01_teacher_sft" / "export"
+    cfg = tiny_cfg(
+        "models.teacher.source=pretrained",
+        f"models.teacher.path={export}",
+        "pipeline.order=[score,kd_fast]",
+        run_dir=tmp_path / "reuse",
+    )
+    payload = train(cfg)
+    store = payload["stages"][0]["metrics"]["stores"]["fast"]
+    manifest = json.loads((Path(store) / "manifest.json").read_text())
+    trained = load_file(export / "model.safetensors")
+    assert manifest["teacher"]["weights_sha256"]  # fingerprinted from the loaded export
+    assert manifest["tokenizer"]["vocab_size"] == trained["model.embed_tokens.weight"].shape[0]

@@ -31,8 +31,13 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
 
 
 def build_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer a model config names: ``tokenizer: char`` (built-in) or a hub id / directory."""
-    name = cfg.get("tokenizer", "char")
+    """The tokenizer a model config names: ``tokenizer: char`` (built-in) or a hub id / directory.
+
+    A ``source: pretrained`` model uses the tokenizer saved with it unless ``tokenizer`` names another one.
+    """
+    name = cfg.get("tokenizer") or "char"
+    if cfg.get("source") == "pretrained" and name == "char":
+        name = cfg.path
     if name == "char":
         return build_char_tokenizer(model_max_length=int(cfg.get("max_position_embeddings", 512)))
     return AutoTokenizer.from_pretrained(name, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
