@@ -177,3 +177,16 @@ def test_a_pretrained_teacher_export_is_loaded_with_its_own_tokenizer(tiny_cfg, 
     trained = load_file(export / "model.safetensors")
     assert manifest["teacher"]["weights_sha256"]  # fingerprinted from the loaded export
     assert manifest["tokenizer"]["vocab_size"] == trained["model.embed_tokens.weight"].shape[0]
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "csv", "none"])
+def test_each_logger_writes_where_documented(tiny_cfg, tmp_path, logger):
+    train(tiny_cfg(f"logger={logger}", "pipeline.order=[sft_fast]"))
+    logs = tmp_path / "run" / "01_sft_fast" / "logs"
+    if logger == "tensorboard":
+        assert list(logs.glob("tensorboard/events.out.tfevents.*"))
+    elif logger == "csv":
+        assert "train/loss" in (logs / "csv" / "metrics.csv").read_text()
+    else:
+        assert not logs.exists()
+    assert (tmp_path / "run" / "results.json").exists()
