@@ -1,0 +1,226 @@
+"""The sparse KD loss fused with the LM head: never holds the [tokens x vocab] logits.
+
+``fused_sparse_kd_loss(hidden, lm_head_weight, ...)`` equals ``sparse_kd_loss(hidden @ W.T + b, ...)`` in value
+and gradients, but:
+
+* only label positions are computed (prompt and padding positions carry no loss, so they cost nothing);
+* those positions are walked in chunks of ``chunk_size``; each chunk's logits are made in float32 (float64 for
+  float64 inputs), its loss and the gradient of that loss with respect to its logits are computed, and the
+  gradients with respect to the hidden states, the weight and the bias are accumulated by two matmuls before
+  the chunk's logits are freed. Peak memory grows with ``chunk_size x V``, not with ``N x V``;
+* the per-position loss terms come from :func:`kdpipe.losses.kd.sparse_kd_terms` on each chunk (one definition
+  of every divergence), and only the chunk's elementwise part goes through autograd; the three matmuls, which
+  dominate the cost, are done by hand.
+
+Per-position weights carry the normalisation (``token`` or ``sequence``) and the ``ce_weight`` mix, computed from
+the masks before chunking, so the sum over chunks equals the reference's reduction exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdpipe.data.encode import IGNORE_INDEX
+from kdpipe.losses.kd import NORMALIZE_MODES, sparse_kd_terms
+
+
+@dataclass
+class FusedKDResult:
+    """The loss and detached per-label-position diagnostics (1-D, over the label positions in order)."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    divergence: torch.Tensor
+    kd_mask: torch.Tensor
+    topk_mass: torch.Tensor
+    top1_agree: torch.Tensor
+    positions: torch.Tensor  # flat indices of the label positions in the [B*T] (or [N]) layout
+
+
+def _position_weights(mask: torch.Tensor, rows: torch.Tensor, normalize: str, n_rows: int) -> torch.Tensor:
+    """Weights that turn a sum over positions into the reference's mean (per token, or per sequence)."""
+    w = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+    if normalize == "token":
+        w[mask] = 1.0 / max(int(mask.sum()), 1)
+        return w
+    counts = torch.zeros(n_rows, dtype=torch.float64, device=mask.device).index_add_(0, rows, mask.double())
+    n_seqs = max(int((counts > 0).sum()), 1)
+    w[mask] = 1.0 / (counts[rows[mask]] * n_seqs)
+    return w
+
+
+class _FusedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, logprobs, tail, labels, has_teacher, w_ce, w_div, options, chunk, sink):
+        compute = torch.float64 if hidden.dtype == torch.float64 or weight.dtype == torch.float64 else torch.float32
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=compute, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=compute, device=hidden.device)
+        w_mat = weight.to(compute)
+        b_vec = bias.to(compute) if bias is not None else None
+        for start in range(0, hidden.shape[0], chunk):
+            stop = min(start + chunk, hidden.shape[0])
+            h = hidden[start:stop].to(compute)
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                logits = h @ w_mat.t()
+                if b_vec is not None:
+                    logits = logits + b_vec
+            with torch.enable_grad():
+                z = logits.requires_grad_(True)
+                terms = sparse_kd_terms(
+                    z,
+                    ids[start:stop],
+                    logprobs[start:stop],
+                    tail[start:stop],
+                    labels[start:stop],
+                    has_teacher=has_teacher[start:stop],
+                    **options,
+                )
+                chunk_loss = (terms.ce * w_ce[start:stop].to(compute)).sum() + (
+                    terms.divergence * w_div[start:stop].to(compute)
+                ).sum()
+                (dz,) = torch.autograd.grad(chunk_loss, z) if chunk_loss.requires_grad else (torch.zeros_like(z),)
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                if need_h:
+                    grad_h[start:stop] = (dz @ w_mat).to(hidden.dtype)
+                if need_w:
+                    grad_w.addmm_(dz.t(), h)
+                if need_b:
+                    grad_b += dz.sum(0)
+            total += chunk_loss.detach()
+            sink.append(
+                (terms.ce.detach(), terms.divergence.detach(), terms.kd_mask, terms.topk_mass, terms.top1_agree)
+            )
+            del logits, z, dz, terms
+        ctx.grads = (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.grads
+        scale = grad_out
+        return (
+            grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * scale.to(grad_w.dtype) if grad_w is not None else None,
+            grad_b * scale.to(grad_b.dtype) if grad_b is not None else None,
+            *([None] * 10),
+        )
+
+
+def fused_sparse_kd_terms(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    tail_logprob: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    tail: str = "bucket",
+    ignore_index: int = IGNORE_INDEX,
+    normalize: str = "token",
+    has_teacher: torch.Tensor | None = None,
+    scale_by_t2: bool = True,
+) -> FusedKDResult:
+    """The fused loss and its per-position diagnostics; see :func:`fused_sparse_kd_loss`."""
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    if normalize == "sequence" and hidden.dim() != 3:
+        raise ValueError(f"normalize='sequence' needs [B, T, H] hidden states, got {tuple(hidden.shape)}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not line up")
+    if lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_head_weight {tuple(lm_head_weight.shape)} does not match hidden size {hidden.shape[-1]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    no_teacher = topk_ids is None
+    if no_teacher:
+        if ce_weight != 1.0:
+            raise ValueError("without teacher tensors only plain cross-entropy (ce_weight=1) is defined")
+        topk_ids = torch.zeros((*labels.shape, 1), dtype=torch.long, device=labels.device)
+        topk_logprobs = torch.zeros((*labels.shape, 1), device=labels.device)
+        tail_logprob = torch.full(labels.shape, float("-inf"), device=labels.device)
+        has_teacher = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+
+    n_rows = labels.shape[0] if labels.dim() == 2 else 1
+    flat_labels = labels.reshape(-1)
+    rows = torch.arange(n_rows, device=labels.device).repeat_interleave(flat_labels.numel() // n_rows)
+    mask = flat_labels != ignore_index
+    teacher = mask if has_teacher is None else mask & has_teacher.reshape(-1).bool()
+    w_ce = _position_weights(mask, rows, normalize, n_rows) * ce_weight
+    w_div = _position_weights(teacher, rows, normalize, n_rows) * (1.0 - ce_weight)
+
+    positions = mask.nonzero().squeeze(-1)
+    k = topk_ids.shape[-1]
+    sink: list = []
+    options = {
+        "divergence": divergence,
+        "beta": beta,
+        "temperature": temperature,
+        "ce_weight": ce_weight,
+        "tail": tail,
+        "ignore_index": ignore_index,
+        "normalize": "token",  # terms only; the weights above carry the normalisation
+        "scale_by_t2": scale_by_t2,
+    }
+    loss = _FusedKD.apply(
+        hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions),
+        lm_head_weight,
+        lm_head_bias,
+        topk_ids.reshape(-1, k)[positions],
+        topk_logprobs.reshape(-1, k)[positions],
+        tail_logprob.reshape(-1)[positions],
+        flat_labels[positions],
+        teacher[positions],
+        w_ce[positions],
+        w_div[positions],
+        options,
+        chunk_size,
+        sink,
+    )
+    if sink:
+        diagnostics = [torch.cat([part[i] for part in sink]) for i in range(5)]
+    else:  # no label position at all
+        empty = torch.zeros(0, device=labels.device)
+        diagnostics = [empty, empty, empty.bool(), empty, empty.bool()]
+    names = ("ce", "divergence", "kd_mask", "topk_mass", "top1_agree")
+    return FusedKDResult(loss=loss, positions=positions, **dict(zip(names, diagnostics)))
+
+
+def fused_sparse_kd_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    tail_logprob: torch.Tensor | None,
+    labels: torch.Tensor,
+    **kwargs,
+) -> torch.Tensor:
+    """``sparse_kd_loss`` of ``hidden @ lm_head_weight.T (+ lm_head_bias)`` without materialising the logits.
+
+    Args:
+        hidden: final hidden states [B, T, H] or [N, H] (any float dtype; the logits are made in float32).
+        lm_head_weight: [V, H] (tied embeddings are fine: gradients go to the tensor passed).
+        topk_ids, topk_logprobs, tail_logprob: the teacher's sparse signal, aligned with ``labels``; all three
+            may be ``None`` for plain fused cross-entropy (``ce_weight=1``).
+        labels: pre-shifted targets, ``ignore_index`` where there is nothing to learn.
+        lm_head_bias: optional [V].
+        chunk_size: label positions per chunk (peak memory ~ chunk_size x V floats, times a few).
+        **kwargs: the options of :func:`kdpipe.losses.kd.sparse_kd_loss` (divergence, beta, temperature,
+            ce_weight, tail, ignore_index, normalize, has_teacher, scale_by_t2).
+    """
+    return fused_sparse_kd_terms(hidden, lm_head_weight, topk_ids, topk_logprobs, tail_logprob, labels, **kwargs).loss
