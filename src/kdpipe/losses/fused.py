@@ -177,6 +177,9 @@ def fused_sparse_kd_terms(
         "normalize": "token",  # terms only; the weights above carry the normalisation
         "scale_by_t2": scale_by_t2,
     }
+    if not torch.is_grad_enabled():  # evaluation: no gradient work at all inside the chunks
+        hidden, lm_head_weight = hidden.detach(), lm_head_weight.detach()
+        lm_head_bias = lm_head_bias.detach() if lm_head_bias is not None else None
     loss = _FusedKD.apply(
         hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions),
         lm_head_weight,

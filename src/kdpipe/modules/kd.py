@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from kdpipe.losses import combine_terms, sparse_kd_terms
+from kdpipe.losses import FusedKDResult, KDTerms, combine_terms, sparse_kd_terms
 from kdpipe.modules.sft import OptimizerFactory, SchedulerFactory, SFTModule
 
 LOSS_KEYS = ("divergence", "beta", "temperature", "ce_weight", "tail", "normalize")
@@ -33,8 +33,10 @@ class KDModule(SFTModule):
         scheduler: SchedulerFactory | None = None,
         weight_decay: float = 0.0,
         loss: DictConfig | dict | None = None,
+        loss_impl: str = "fused",
+        chunk_size: int = 2048,
     ) -> None:
-        super().__init__(model, optimizer, scheduler, weight_decay)
+        super().__init__(model, optimizer, scheduler, weight_decay, loss_impl, chunk_size)
         loss = dict(loss or {})
         unknown = set(loss) - set(LOSS_KEYS)
         if unknown:
@@ -42,8 +44,12 @@ class KDModule(SFTModule):
         self.loss_options = loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
         opts = self.loss_options
+        if self.loss_impl == "fused":
+            result = self.fused_terms(batch, **opts)
+            self.log_diagnostics(result, batch, result.loss)
+            return result.loss
+        logits = self(batch)
         terms = sparse_kd_terms(
             logits,
             batch["topk_ids"],
@@ -61,8 +67,13 @@ class KDModule(SFTModule):
 
     @torch.no_grad()
     def log_diagnostics(self, terms, batch: dict, loss: torch.Tensor) -> None:
-        """Loss parts, teacher coverage and agreement, and the divergence per difficulty level."""
+        """Loss parts, teacher coverage and agreement, and the divergence per difficulty level.
+
+        ``terms`` is a :class:`KDTerms` ([B, T] tensors) or a :class:`FusedKDResult` (1-D over label positions).
+        """
         n = len(batch["ids"])
+        if isinstance(terms, FusedKDResult):  # lay the 1-D diagnostics back onto the batch layout
+            terms = _unflatten(terms, batch["labels"])
         kd_mask, mask = terms.kd_mask, terms.mask
         kd_count = kd_mask.sum().clamp(min=1)
         topk_mass = terms.topk_mass.sum() / kd_count
@@ -86,3 +97,22 @@ class KDModule(SFTModule):
             count = kd_mask[rows].sum()
             if count > 0:
                 self.log(f"kd/divergence_L{level}", terms.divergence[rows].sum() / count, batch_size=int(rows.sum()))
+
+
+def _unflatten(result: FusedKDResult, labels: torch.Tensor) -> KDTerms:
+    """Scatter the fused loss's per-label-position diagnostics back to the [B, T] layout of ``labels``."""
+
+    def place(values: torch.Tensor, fill) -> torch.Tensor:
+        out = torch.full((labels.numel(),), fill, dtype=values.dtype, device=values.device)
+        out[result.positions] = values
+        return out.view(labels.shape)
+
+    mask = labels != -100
+    return KDTerms(
+        divergence=place(result.divergence, 0.0),
+        ce=place(result.ce, 0.0),
+        mask=mask,
+        kd_mask=place(result.kd_mask, False),
+        topk_mass=place(result.topk_mass, 0.0),
+        top1_agree=place(result.top1_agree, False),
+    )

@@ -10,7 +10,8 @@ import torch
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
-from kdpipe.losses import token_cross_entropy
+from kdpipe.losses import fused_sparse_kd_terms, token_cross_entropy
+from kdpipe.models.heads import backbone_hidden, lm_head
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -33,6 +34,9 @@ class SFTModule(L.LightningModule):
         optimizer: a partial optimizer (``_partial_: true`` config) called with the parameter groups.
         scheduler: a partial schedule called with ``(optimizer, num_training_steps=...)``, stepped per step.
         weight_decay: applied to matrices only.
+        loss_impl: ``fused`` (default: hidden states and the LM head go to the chunked fused loss, the full
+            [tokens x vocab] logits never exist) or ``plain`` (the model's logits, then the loss).
+        chunk_size: label positions per chunk of the fused loss.
     """
 
     def __init__(
@@ -41,9 +45,14 @@ class SFTModule(L.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         weight_decay: float = 0.0,
+        loss_impl: str = "fused",
+        chunk_size: int = 2048,
     ) -> None:
         super().__init__()
+        if loss_impl not in ("fused", "plain"):
+            raise ValueError(f"loss_impl must be 'fused' or 'plain', got {loss_impl!r}")
         self.model = model
+        self.loss_impl, self.chunk_size = loss_impl, chunk_size
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay = weight_decay
         self._step_started = 0.0
@@ -55,7 +64,25 @@ class SFTModule(L.LightningModule):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         return self.model(**inputs, use_cache=False).logits
 
+    def fused_terms(self, batch: dict, **options):
+        """Backbone hidden states through the fused LM-head loss (teacher fields used when present)."""
+        weight, bias = lm_head(self.model)
+        teacher = [batch.get(k) for k in ("topk_ids", "topk_logprobs", "tail_logprob")]
+        return fused_sparse_kd_terms(
+            backbone_hidden(self.model, batch),
+            weight,
+            *teacher,
+            batch["labels"],
+            lm_head_bias=bias,
+            chunk_size=self.chunk_size,
+            has_teacher=batch.get("has_teacher"),
+            **options,
+        )
+
     def loss(self, batch: dict) -> torch.Tensor:
+        """Token cross-entropy on the labels."""
+        if self.loss_impl == "fused":
+            return self.fused_terms(batch, ce_weight=1.0).loss
         return token_cross_entropy(self(batch), batch["labels"])
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -79,9 +106,12 @@ class SFTModule(L.LightningModule):
         return {"tokens_trained": self._tokens_seen, "tokens_per_s": rate}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch)
-        total = token_cross_entropy(logits, batch["labels"], reduction="sum")
-        self._val_sums.append(torch.stack([total, (batch["labels"] != -100).sum().to(total)]))
+        count = (batch["labels"] != -100).sum()
+        if self.loss_impl == "fused":
+            total = self.fused_terms(batch, ce_weight=1.0).ce.sum().float()
+        else:
+            total = token_cross_entropy(self(batch), batch["labels"], reduction="sum")
+        self._val_sums.append(torch.stack([total, count.to(total)]))
 
     def on_validation_epoch_end(self) -> None:
         if self._val_sums:

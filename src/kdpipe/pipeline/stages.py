@@ -229,10 +229,13 @@ def train_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: Pos
 
 
 def optimizer_parts(settings: DictConfig) -> dict:
+    """Module arguments shared by SFT and KD stages: optimizer, schedule, weight decay, loss implementation."""
     return {
         "optimizer": hydra.utils.instantiate(settings.optimizer),
         "scheduler": hydra.utils.instantiate(settings.scheduler) if settings.get("scheduler") else None,
         "weight_decay": float(settings.weight_decay),
+        "loss_impl": str(settings.loss_impl),
+        "chunk_size": int(settings.loss_chunk_size),
     }
 
 
