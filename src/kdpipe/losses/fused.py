@@ -39,6 +39,79 @@ class FusedKDResult:
     positions: torch.Tensor  # flat indices of the label positions in the [B*T] (or [N]) layout
 
 
+def _closed_form_applies(options: dict, k: int, vocab: int) -> bool:
+    """Forward KL over top-k + tail bucket (or the full vocabulary), with CE: the gradient has a closed form."""
+    return options["divergence"] == "fkl" and (options["tail"] == "bucket" or k == vocab)
+
+
+def _closed_form_chunk(logits, ids, t_lp, t_tail, labels, kd_mask, w_ce, w_div, options):
+    """Per-position CE and forward KL of one chunk, the gradient of their weighted sum w.r.t. the logits
+    (written into ``logits`` in place), and the diagnostics; no autograd graph is built.
+
+    With s = softmax(z), z = logits / T, bins K (teacher top-k) and the tail, P the teacher, q the student:
+    d KL(P||q) / dz_j = M s_j - P_j for j in K, and s_j (M - P_tail / q_tail) outside K, where M is the total
+    teacher mass over the bins (1 up to the stored values' rounding); the CE gradient
+    is softmax(logits) - onehot(label). The divergence is scaled by T^2 (so its logit gradient by T).
+    """
+    temperature, ce_weight = options["temperature"], options["ce_weight"]
+    scale = temperature if options["scale_by_t2"] else 1.0 / temperature
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    vocab, k = logits.shape[-1], ids.shape[-1]
+    ids = torch.where(kd_mask[:, None], ids, 0)
+    p = torch.where(kd_mask[:, None], t_lp.to(logits.dtype).exp(), 0.0)
+    has_tail = k < vocab
+    p_tail = torch.where(kd_mask & has_tail, t_tail.to(logits.dtype).exp(), 0.0)
+    with torch.no_grad():
+        teacher_top1 = ids.gather(-1, torch.where(kd_mask[:, None], t_lp, 0.0).argmax(-1, keepdim=True)).squeeze(-1)
+        top1_agree = (logits.argmax(-1) == teacher_top1) & kd_mask
+        topk_mass = torch.where(kd_mask, p.sum(-1), 0.0)
+
+    ce = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    grad_ce = None
+    if ce_weight > 0.0:
+        lse1 = logits.logsumexp(-1)
+        ce = lse1 - logits[rows, labels]
+        grad_ce = (logits - lse1[:, None]).exp_()  # softmax(logits)
+        grad_ce[rows, labels] -= 1.0
+        grad_ce *= w_ce.to(logits.dtype)[:, None]
+
+    div = torch.zeros_like(ce)
+    if ce_weight < 1.0:
+        z = logits / temperature if temperature != 1.0 else logits
+        lse = z.logsumexp(-1)
+        z_k = z.gather(-1, ids)
+        log_q = z_k - lse[:, None]
+        if has_tail:
+            log_q_tail = z.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse
+            tail_term = torch.where(p_tail > 0, p_tail * (t_tail.to(z.dtype) - log_q_tail), 0.0)
+            ratio = torch.where(p_tail > 0, p_tail / log_q_tail.exp(), 0.0)
+        else:
+            tail_term = ratio = torch.zeros_like(lse)
+        div = torch.where(p > 0, p * (t_lp.to(z.dtype) - log_q), 0.0).sum(-1) + tail_term
+        div = torch.where(kd_mask, div, 0.0)
+        if options["scale_by_t2"]:
+            div = div * temperature**2
+        # the stored bins need not sum to exactly 1 (float rounding): carry the teacher's total mass
+        mass = torch.where(kd_mask, p.sum(-1) + p_tail, 0.0)
+        s = (z - lse[:, None]).exp_()  # softmax(z); reuse as the divergence gradient
+        s_k = s.gather(-1, ids)
+        s *= (mass - ratio)[:, None]
+        s.scatter_(-1, ids, s_k * mass[:, None] - p)
+        s *= (w_div.to(s.dtype) * scale)[:, None]
+        grad = s if grad_ce is None else s.add_(grad_ce)
+    else:
+        grad = grad_ce
+    return ce, div, grad, kd_mask, topk_mass, top1_agree
+
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk when chunk_size is not given: 64 MiB in float32
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk so that one chunk's float32 logits take about 64 MiB."""
+    return max(16, CHUNK_ELEMENTS // vocab_size)
+
+
 def _position_weights(mask: torch.Tensor, rows: torch.Tensor, normalize: str, n_rows: int) -> torch.Tensor:
     """Weights that turn a sum over positions into the reference's mean (per token, or per sequence)."""
     w = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
@@ -49,6 +122,17 @@ def _position_weights(mask: torch.Tensor, rows: torch.Tensor, normalize: str, n_
     n_seqs = max(int((counts > 0).sum()), 1)
     w[mask] = 1.0 / (counts[rows[mask]] * n_seqs)
     return w
+
+
+def _accumulate(dz, h, w_mat, start, stop, grad_h, grad_w, grad_b, hidden) -> None:
+    """Gradients of one chunk w.r.t. its hidden states, the weight and the bias, from d loss / d logits."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if grad_h is not None:
+            grad_h[start:stop] = (dz @ w_mat).to(hidden.dtype)
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), h)
+        if grad_b is not None:
+            grad_b += dz.sum(0)
 
 
 class _FusedKD(torch.autograd.Function):
@@ -62,6 +146,7 @@ class _FusedKD(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=compute, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=compute, device=hidden.device)
         w_mat = weight.to(compute)
+        closed_form = _closed_form_applies(options, ids.shape[-1], weight.shape[0])
         b_vec = bias.to(compute) if bias is not None else None
         for start in range(0, hidden.shape[0], chunk):
             stop = min(start + chunk, hidden.shape[0])
@@ -70,6 +155,25 @@ class _FusedKD(torch.autograd.Function):
                 logits = h @ w_mat.t()
                 if b_vec is not None:
                     logits = logits + b_vec
+            if closed_form:
+                ce, div, dz, kdm, mass, agree = _closed_form_chunk(
+                    logits,
+                    ids[start:stop],
+                    logprobs[start:stop],
+                    tail[start:stop],
+                    labels[start:stop],
+                    has_teacher[start:stop],
+                    w_ce[start:stop],
+                    w_div[start:stop],
+                    options,
+                )
+                del logits
+                chunk_loss = (ce * w_ce[start:stop].to(compute)).sum() + (div * w_div[start:stop].to(compute)).sum()
+                _accumulate(dz, h, w_mat, start, stop, grad_h, grad_w, grad_b, hidden)
+                total += chunk_loss
+                sink.append((ce, div, kdm, mass, agree))
+                del dz
+                continue
             with torch.enable_grad():
                 z = logits.requires_grad_(True)
                 terms = sparse_kd_terms(
@@ -85,13 +189,7 @@ class _FusedKD(torch.autograd.Function):
                     terms.divergence * w_div[start:stop].to(compute)
                 ).sum()
                 (dz,) = torch.autograd.grad(chunk_loss, z) if chunk_loss.requires_grad else (torch.zeros_like(z),)
-            with torch.autocast(device_type=hidden.device.type, enabled=False):
-                if need_h:
-                    grad_h[start:stop] = (dz @ w_mat).to(hidden.dtype)
-                if need_w:
-                    grad_w.addmm_(dz.t(), h)
-                if need_b:
-                    grad_b += dz.sum(0)
+            _accumulate(dz, h, w_mat, start, stop, grad_h, grad_w, grad_b, hidden)
             total += chunk_loss.detach()
             sink.append(
                 (terms.ce.detach(), terms.divergence.detach(), terms.kd_mask, terms.topk_mass, terms.top1_agree)
@@ -125,7 +223,7 @@ def fused_sparse_kd_terms(
     labels: torch.Tensor,
     *,
     lm_head_bias: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     divergence: str = "fkl",
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -145,6 +243,8 @@ def fused_sparse_kd_terms(
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not line up")
     if lm_head_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"lm_head_weight {tuple(lm_head_weight.shape)} does not match hidden size {hidden.shape[-1]}")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(lm_head_weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     no_teacher = topk_ids is None
@@ -222,7 +322,8 @@ def fused_sparse_kd_loss(
             may be ``None`` for plain fused cross-entropy (``ce_weight=1``).
         labels: pre-shifted targets, ``ignore_index`` where there is nothing to learn.
         lm_head_bias: optional [V].
-        chunk_size: label positions per chunk (peak memory ~ chunk_size x V floats, times a few).
+        chunk_size: label positions per chunk (peak memory ~ chunk_size x V floats, times a few); default:
+            :func:`auto_chunk_size` (about 64 MiB of float32 logits per chunk).
         **kwargs: the options of :func:`kdpipe.losses.kd.sparse_kd_loss` (divergence, beta, temperature,
             ce_weight, tail, ignore_index, normalize, has_teacher, scale_by_t2).
     """

@@ -34,7 +34,7 @@ class KDModule(SFTModule):
         weight_decay: float = 0.0,
         loss: DictConfig | dict | None = None,
         loss_impl: str = "fused",
-        chunk_size: int = 2048,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__(model, optimizer, scheduler, weight_decay, loss_impl, chunk_size)
         loss = dict(loss or {})

@@ -36,7 +36,7 @@ class SFTModule(L.LightningModule):
         weight_decay: applied to matrices only.
         loss_impl: ``fused`` (default: hidden states and the LM head go to the chunked fused loss, the full
             [tokens x vocab] logits never exist) or ``plain`` (the model's logits, then the loss).
-        chunk_size: label positions per chunk of the fused loss.
+        chunk_size: label positions per chunk of the fused loss (None: about 64 MiB of logits per chunk).
     """
 
     def __init__(
@@ -46,7 +46,7 @@ class SFTModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         weight_decay: float = 0.0,
         loss_impl: str = "fused",
-        chunk_size: int = 2048,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if loss_impl not in ("fused", "plain"):

@@ -235,7 +235,7 @@ def optimizer_parts(settings: DictConfig) -> dict:
         "scheduler": hydra.utils.instantiate(settings.scheduler) if settings.get("scheduler") else None,
         "weight_decay": float(settings.weight_decay),
         "loss_impl": str(settings.loss_impl),
-        "chunk_size": int(settings.loss_chunk_size),
+        "chunk_size": None if settings.loss_chunk_size in (None, "auto") else int(settings.loss_chunk_size),
     }
 
 

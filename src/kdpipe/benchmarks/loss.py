@@ -1,0 +1,121 @@
+"""LM-head loss benchmark: plain vs fused vs the bare LM-head matmul (the floor), forward + backward.
+
+Each case runs in its own process, so peak memory is honest: on CPU the growth of the process's resident-set
+high-water mark (``ru_maxrss``) over what the inputs already took; on CUDA ``torch.cuda.max_memory_allocated``
+over the inputs. Time is the median of ``repeats`` runs after ``warmup`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {  # name: (N label positions, H hidden, V vocab, k)
+    "smollm2-135m": (8192, 576, 49152, 64),
+    "openpangu-1b": (4096, 1536, 153376, 64),
+}
+CASES = ("floor", "plain", "fused")
+
+
+def make_inputs(n: int, h: int, v: int, k: int, device: str, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * 0.5).to(device).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * h**-0.5).to(device).requires_grad_(True)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(min(n, 64))]).repeat(-(-n // 64), 1)[:n]
+    logprobs = torch.log_softmax(torch.randn(n, k, generator=g) * 2, dim=-1) - 0.1  # top-k holds ~90% of the mass
+    tail = torch.log1p(-logprobs.exp().sum(-1).clamp(max=1 - 1e-6))
+    labels = ids[:, 0].clone()
+    return hidden, weight, ids.to(device), logprobs.to(device), tail.to(device), labels.to(device)
+
+
+def run_case(case: str, shape: str, device: str, repeats: int, warmup: int, chunk_size: int | None) -> dict:
+    """Time and peak memory of one case (call in a fresh process)."""
+    from kdpipe.losses import fused_sparse_kd_loss, sparse_kd_loss
+
+    n, h, v, k = SHAPES[shape]
+    hidden, weight, ids, logprobs, tail, labels = make_inputs(n, h, v, k, device)
+    opts = {"divergence": "fkl", "ce_weight": 0.5}
+
+    def step():
+        if case == "floor":
+            logits = hidden @ weight.t()
+            logits.backward(torch.ones_like(logits))
+        elif case == "plain":
+            sparse_kd_loss(hidden @ weight.t(), ids, logprobs, tail, labels, **opts).backward()
+        else:
+            fused_sparse_kd_loss(hidden, weight, ids, logprobs, tail, labels, chunk_size=chunk_size, **opts).backward()
+        hidden.grad = weight.grad = None
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for i in range(warmup + repeats):
+        started = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"case": case, "shape": shape, "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+
+
+def run(shapes: list[str], device: str = "cpu", repeats: int = 3, warmup: int = 1, chunk_size: int | None = None):
+    """All cases of all shapes, each in its own process; returns rows and per-shape ratios."""
+    rows = []
+    for shape in shapes:
+        for case in CASES:
+            cmd = [
+                sys.executable,
+                "-m",
+                "kdpipe.benchmarks.loss",
+                case,
+                shape,
+                device,
+                str(repeats),
+                str(warmup),
+                str(chunk_size or 0),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(out))
+    summary = {}
+    for shape in shapes:
+        by = {r["case"]: r for r in rows if r["shape"] == shape}
+        n, h, v, k = SHAPES[shape]
+        summary[shape] = {
+            "N": n,
+            "H": h,
+            "V": v,
+            "k": k,
+            "device": device,
+            "plain_s": by["plain"]["seconds"],
+            "fused_s": by["fused"]["seconds"],
+            "floor_s": by["floor"]["seconds"],
+            "plain_peak_gib": by["plain"]["peak_bytes"] / 2**30,
+            "fused_peak_gib": by["fused"]["peak_bytes"] / 2**30,
+            "floor_peak_gib": by["floor"]["peak_bytes"] / 2**30,
+            "peak_mem_ratio_vs_plain": by["fused"]["peak_bytes"] / max(by["plain"]["peak_bytes"], 1),
+            "time_ratio_vs_plain": by["fused"]["seconds"] / by["plain"]["seconds"],
+            "time_ratio_vs_floor": by["fused"]["seconds"] / by["floor"]["seconds"],
+        }
+    return rows, summary
+
+
+if __name__ == "__main__":
+    case, shape, device, repeats, warmup, chunk = sys.argv[1:7]
+    torch.manual_seed(0)
+    result = run_case(case, shape, device, int(repeats), int(warmup), int(chunk) or None)
+    print(json.dumps(result))
