@@ -161,3 +161,25 @@ def test_diagnostics_and_no_label_positions():
     assert float(loss) == 0.0
     loss.backward()  # a zero loss still backpropagates
     assert float(h.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_confident_student_with_a_tiny_tail_stays_exact(temperature):
+    """Rows where the student's tail mass is tiny take the exact (masked logsumexp) path."""
+    leaves, (_, _, _, labels, has_teacher) = make_case(seed=13)
+    h, w, b = leaves
+    with torch.no_grad():
+        h[0].mul_(25.0)  # sequence 0: a very confident student; sequence 1 stays soft
+        z = (h @ w.t() + b) / temperature
+        teacher = torch.log_softmax(z * 0.8, dim=-1)  # a teacher that agrees on the top tokens
+        lp, ids = teacher.topk(K, dim=-1)
+        tail = teacher.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        q_tail = 1 - torch.softmax(z, -1).gather(-1, ids).sum(-1)
+    assert (q_tail < 1e-3).any() and (q_tail > 1e-3).any()  # both branches are exercised
+    teacher = (ids, lp.float(), tail.float(), labels, has_teacher)
+    opts = dict(divergence="fkl", ce_weight=0.2, temperature=temperature)
+    ref_loss, ref_grads = reference(leaves, teacher, **opts)
+    loss, grads = fused(leaves, teacher, **opts)
+    assert_close(loss, ref_loss, rtol=1e-9)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, rtol=1e-7, atol=1e-9)

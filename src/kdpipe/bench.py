@@ -31,14 +31,35 @@ def bench_store(args: argparse.Namespace) -> dict:
     return {"store": rows}
 
 
+def bench_loss(args: argparse.Namespace) -> dict:
+    import torch
+
+    from kdpipe.benchmarks.loss import run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows, summary = run(args.shapes.split(","), device, args.repeats, args.warmup, args.chunk_size)
+    print_table(
+        f"LM-head loss, forward + backward ({device}; fkl + CE, k=64)",
+        [{"shape": name, **{k: v for k, v in s.items() if k != "device"}} for name, s in summary.items()],
+    )
+    return {"loss": summary, "cases": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kdpipe-bench", description=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
     store = sub.add_parser("store", help="teacher-store bytes per entry, KL error, write/read speed")
     store.add_argument("--positions", type=int, default=16384, help="label positions to store")
     store.add_argument("--json", type=Path, help="also write the figures here")
+    loss = sub.add_parser("loss", help="fused vs plain vs LM-head floor: time and peak memory, per shape")
+    loss.add_argument("--shapes", default="smollm2-135m,openpangu-1b", help="comma-separated shape names")
+    loss.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    loss.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
+    loss.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    loss.add_argument("--chunk-size", type=int, default=None, help="fused chunk (default: ~64 MiB of logits)")
+    loss.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    result = {"store": bench_store}[args.bench](args)
+    result = {"store": bench_store, "loss": bench_loss}[args.bench](args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -66,23 +66,27 @@ def _closed_form_chunk(logits, ids, t_lp, t_tail, labels, kd_mask, w_ce, w_div, 
         top1_agree = (logits.argmax(-1) == teacher_top1) & kd_mask
         topk_mass = torch.where(kd_mask, p.sum(-1), 0.0)
 
+    w_ce = w_ce.to(logits.dtype)
+    ws = w_div.to(logits.dtype) * scale  # weight of the divergence gradient w.r.t. the logits
     ce = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
-    grad_ce = None
-    if ce_weight > 0.0:
-        lse1 = logits.logsumexp(-1)
-        ce = lse1 - logits[rows, labels]
-        grad_ce = (logits - lse1[:, None]).exp_()  # softmax(logits)
-        grad_ce[rows, labels] -= 1.0
-        grad_ce *= w_ce.to(logits.dtype)[:, None]
-
     div = torch.zeros_like(ce)
+    lse1 = logits.logsumexp(-1) if ce_weight > 0.0 else None
+    if ce_weight > 0.0:
+        ce = lse1 - logits[rows, labels]
     if ce_weight < 1.0:
         z = logits / temperature if temperature != 1.0 else logits
-        lse = z.logsumexp(-1)
-        z_k = z.gather(-1, ids)
-        log_q = z_k - lse[:, None]
+        lse = lse1 if temperature == 1.0 and lse1 is not None else z.logsumexp(-1)
+        log_q = z.gather(-1, ids) - lse[:, None]
+        s = (z - lse[:, None]).exp_()  # softmax(z): becomes the gradient buffer
+        s_k = s.gather(-1, ids)
         if has_tail:
-            log_q_tail = z.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse
+            q_tail = (1.0 - s_k.sum(-1)).clamp(min=0.0)
+            # 1 - sum loses precision when the student's tail is tiny: recompute those rows exactly
+            exact = q_tail < 1e-3
+            log_q_tail = q_tail.clamp(min=torch.finfo(q_tail.dtype).tiny).log()
+            if exact.any():
+                zr = z[exact].scatter(-1, ids[exact], float("-inf"))
+                log_q_tail[exact] = zr.logsumexp(-1) - lse[exact]
             tail_term = torch.where(p_tail > 0, p_tail * (t_tail.to(z.dtype) - log_q_tail), 0.0)
             ratio = torch.where(p_tail > 0, p_tail / log_q_tail.exp(), 0.0)
         else:
@@ -93,14 +97,21 @@ def _closed_form_chunk(logits, ids, t_lp, t_tail, labels, kd_mask, w_ce, w_div, 
             div = div * temperature**2
         # the stored bins need not sum to exactly 1 (float rounding): carry the teacher's total mass
         mass = torch.where(kd_mask, p.sum(-1) + p_tail, 0.0)
-        s = (z - lse[:, None]).exp_()  # softmax(z); reuse as the divergence gradient
-        s_k = s.gather(-1, ids)
-        s *= (mass - ratio)[:, None]
-        s.scatter_(-1, ids, s_k * mass[:, None] - p)
-        s *= (w_div.to(s.dtype) * scale)[:, None]
-        grad = s if grad_ce is None else s.add_(grad_ce)
+        if temperature == 1.0 and ce_weight > 0.0:  # one softmax serves CE and KL
+            s *= (w_ce + ws * (mass - ratio))[:, None]
+            s.scatter_(-1, ids, s_k * (w_ce + ws * mass)[:, None] - ws[:, None] * p)
+            s.index_put_((rows, labels), -w_ce, accumulate=True)
+            return ce, div, s, kd_mask, topk_mass, top1_agree
+        s *= (ws * (mass - ratio))[:, None]
+        s.scatter_(-1, ids, ws[:, None] * (s_k * mass[:, None] - p))
+        grad = s
     else:
-        grad = grad_ce
+        grad = None
+    if ce_weight > 0.0:
+        soft = (logits - lse1[:, None]).exp_()
+        soft.index_put_((rows, labels), torch.full_like(lse1, -1.0), accumulate=True)
+        soft *= w_ce[:, None]
+        grad = soft if grad is None else grad.add_(soft)
     return ce, div, grad, kd_mask, topk_mass, top1_agree
 
 
