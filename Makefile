@@ -33,6 +33,7 @@ test-all: install  ## every test, slow ones included
 bench: install  ## every benchmark: prints tables, writes JSON under logs/bench/
 	$(VENV)/bin/kdpipe-bench store --json logs/bench/store.json
 	$(VENV)/bin/kdpipe-bench loss --json logs/bench/loss.json
+	$(VENV)/bin/kdpipe-bench step --json logs/bench/step.json
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -134,14 +134,16 @@ def test_plain_fused_cross_entropy_equals_token_cross_entropy():
         fused_sparse_kd_loss(h, w, None, None, None, labels, ce_weight=0.5)
 
 
-def test_bfloat16_parameters_within_stated_tolerance():
-    """bf16 hidden states and weight: logits made in float32 from the bf16 values; loss within 1e-3 relative,
-    gradients within 2e-2 relative (their norm) of the float64 reference on the same bf16 values."""
-    leaves, teacher = make_case(seed=11, dtype=torch.bfloat16)
-    opts = dict(divergence="jsd", ce_weight=0.3)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", ["fkl", "jsd"])
+def test_half_precision_parameters_within_stated_tolerance(dtype, divergence):
+    """bf16/fp16 hidden states and weight: logits made in float32 from the half values; loss within 1e-3
+    relative, gradients within 2e-2 relative (their norm) of the float64 reference on the same half values."""
+    leaves, teacher = make_case(seed=11, dtype=dtype)
+    opts = dict(divergence=divergence, ce_weight=0.3)
     ref_loss, ref_grads = reference(leaves, teacher, **opts)
     loss, grads = fused(leaves, teacher, **opts)
-    assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.bfloat16
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
     assert abs(float(loss) - float(ref_loss)) <= 1e-3 * abs(float(ref_loss))
     for got, want in zip(grads, ref_grads):
         assert float((got.double() - want).norm()) <= 2e-2 * float(want.norm())

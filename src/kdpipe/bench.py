@@ -45,6 +45,14 @@ def bench_loss(args: argparse.Namespace) -> dict:
     return {"loss": summary, "cases": rows}
 
 
+def bench_step(args: argparse.Namespace) -> dict:
+    from kdpipe.benchmarks.step import run
+
+    rows = [run(model, steps=args.steps, warmup=args.warmup) for model in args.models.split(",")]
+    print_table("training step, SFT vs KD (CPU, bf16 autocast, fused loss, store read in the step)", rows)
+    return {"step": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kdpipe-bench", description=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -58,8 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     loss.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     loss.add_argument("--chunk-size", type=int, default=None, help="fused chunk (default: ~64 MiB of logits)")
     loss.add_argument("--json", type=Path, help="also write the figures here")
+    step = sub.add_parser("step", help="SFT vs KD training-step tokens/s on the same model and batches")
+    step.add_argument("--models", default="demo-student,demo-teacher,smollm2-135m-shape")
+    step.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    step.add_argument("--warmup", type=int, default=2)
+    step.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    result = {"store": bench_store, "loss": bench_loss}[args.bench](args)
+    result = {"store": bench_store, "loss": bench_loss, "step": bench_step}[args.bench](args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,8 +19,16 @@ import torch
 SHAPES = {  # name: (N label positions, H hidden, V vocab, k)
     "smollm2-135m": (8192, 576, 49152, 64),
     "openpangu-1b": (4096, 1536, 153376, 64),
+    "tiny": (256, 32, 1000, 16),  # for tests
 }
 CASES = ("floor", "plain", "fused")
+
+
+def parse_shape(shape: str) -> tuple[int, int, int, int]:
+    """A shape name, optionally with the token count overridden: ``smollm2-135m@2048``."""
+    name, _, tokens = shape.partition("@")
+    n, h, v, k = SHAPES[name]
+    return (int(tokens) if tokens else n), h, v, k
 
 
 def make_inputs(n: int, h: int, v: int, k: int, device: str, seed: int = 0):
@@ -38,7 +46,7 @@ def run_case(case: str, shape: str, device: str, repeats: int, warmup: int, chun
     """Time and peak memory of one case (call in a fresh process)."""
     from kdpipe.losses import fused_sparse_kd_loss, sparse_kd_loss
 
-    n, h, v, k = SHAPES[shape]
+    n, h, v, k = parse_shape(shape)
     hidden, weight, ids, logprobs, tail, labels = make_inputs(n, h, v, k, device)
     opts = {"divergence": "fkl", "ce_weight": 0.5}
 
@@ -94,7 +102,7 @@ def run(shapes: list[str], device: str = "cpu", repeats: int = 3, warmup: int = 
     summary = {}
     for shape in shapes:
         by = {r["case"]: r for r in rows if r["shape"] == shape}
-        n, h, v, k = SHAPES[shape]
+        n, h, v, k = parse_shape(shape)
         summary[shape] = {
             "N": n,
             "H": h,

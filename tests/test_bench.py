@@ -1,0 +1,28 @@
+"""``kdpipe-bench``: every subcommand runs at small sizes and writes the documented JSON keys."""
+
+from __future__ import annotations
+
+import json
+
+from kdpipe.bench import main
+
+
+def test_store_bench_writes_its_figures(tmp_path):
+    main(["store", "--positions", "256", "--json", str(tmp_path / "store.json")])
+    rows = json.loads((tmp_path / "store.json").read_text())["store"]
+    for key in ("bytes_per_entry", "bytes_per_token", "kl_error_nats", "write_tokens_per_s", "read_tokens_per_s"):
+        assert all(row[key] > 0 for row in rows), key
+    assert rows[0]["bytes_per_entry"] <= 3.0 + 0.2  # headers weigh more in a 256-position store
+
+
+def test_loss_bench_measures_each_case_in_its_own_process(tmp_path):
+    main(["loss", "--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "loss.json")])
+    summary = json.loads((tmp_path / "loss.json").read_text())["loss"]["tiny"]
+    for key in ("peak_mem_ratio_vs_plain", "time_ratio_vs_plain", "time_ratio_vs_floor"):
+        assert summary[key] > 0, key
+
+
+def test_step_bench_reports_kd_over_sft(tmp_path):
+    main(["step", "--models", "demo-student", "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "s.json")])
+    row = json.loads((tmp_path / "s.json").read_text())["step"][0]
+    assert row["kd_over_sft_time"] > 0 and row["sft_tokens_per_s"] > 0
