@@ -18,7 +18,8 @@ def test_store_bench_writes_its_figures(tmp_path):
 def test_loss_bench_measures_each_case_in_its_own_process(tmp_path):
     main(["loss", "--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "loss.json")])
     summary = json.loads((tmp_path / "loss.json").read_text())["loss"]["tiny"]
-    for key in ("peak_mem_ratio_vs_plain", "time_ratio_vs_plain", "time_ratio_vs_floor"):
+    assert summary["peak_mem_ratio_vs_plain"] >= 0  # tiny logits may not grow the RSS high-water mark at all
+    for key in ("time_ratio_vs_plain", "time_ratio_vs_floor"):
         assert summary[key] > 0, key
 
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     loss.add_argument("--json", type=Path, help="also write the figures here")
     step = sub.add_parser("step", help="SFT vs KD training-step tokens/s on the same model and batches")
     step.add_argument("--models", default="demo-student,demo-teacher,smollm2-135m-shape")
-    step.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    step.add_argument("--steps", type=int, default=10, help="timed steps of each kind (median reported)")
     step.add_argument("--warmup", type=int, default=2)
     step.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)

@@ -65,24 +65,17 @@ class KDCollator:
         batch = self.base(examples)
         rows, width = batch["input_ids"].shape
         k = self.store.k
+        teacher, counts = self.store.get_many([e.id for e in examples])
+        for e, n in zip(examples, counts):
+            if n != e.num_label_tokens:
+                raise ValueError(f"teacher store has {n} rows for example {e.id!r} with {e.num_label_tokens} labels")
+        # label positions in row-major order are the examples' label positions in order: one assignment each
+        has_teacher = batch["labels"] != IGNORE_INDEX
         topk_ids = torch.zeros((rows, width, k), dtype=torch.long)
         topk_logprobs = torch.full((rows, width, k), float("-inf"))
         tail = torch.zeros((rows, width))
-        has_teacher = torch.zeros((rows, width), dtype=torch.bool)
-        offset = 0
-        for i, e in enumerate(examples):
-            row, base = (0, offset) if self.base.packing else (i, 0)
-            positions = torch.tensor([t for t, label in enumerate(e.labels) if label != IGNORE_INDEX]) + base
-            teacher = self.store.get(e.id)
-            if teacher.topk_ids.shape[0] != len(positions):
-                raise ValueError(
-                    f"teacher store has {teacher.topk_ids.shape[0]} rows for example {e.id!r} "
-                    f"with {len(positions)} label positions"
-                )
-            topk_ids[row, positions] = teacher.topk_ids
-            topk_logprobs[row, positions] = teacher.topk_logprobs
-            tail[row, positions] = teacher.tail_logprob
-            has_teacher[row, positions] = True
-            offset += len(e.input_ids)
+        topk_ids[has_teacher] = teacher.topk_ids
+        topk_logprobs[has_teacher] = teacher.topk_logprobs
+        tail[has_teacher] = teacher.tail_logprob
         batch.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=tail, has_teacher=has_teacher)
         return batch

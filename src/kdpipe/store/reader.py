@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
@@ -106,16 +107,26 @@ class TeacherStore:
         for shard_idx in range(len(self.manifest["shards"])):
             self._open(shard_idx)
 
-    def get(self, example_id: str) -> TeacherRows:
-        """The teacher rows of one example."""
+    def encoded_rows(self, example_id: str) -> dict[str, np.ndarray]:
+        """The still-encoded rows of one example (sliced from the memory-mapped shard)."""
         if example_id not in self.index:
             raise StoreError(f"teacher store {self.path} has no example {example_id!r}")
         shard_idx, local = self.index[example_id]
         handle = self._open(shard_idx)
         start, stop = (int(x) for x in self._offsets[shard_idx][local : local + 2])
         names = [n for n in handle.keys() if n != "offsets"]  # noqa: SIM118 (safe_open has no __iter__)
-        arrays = {name: handle.get_slice(name)[start:stop] for name in names}
-        return TeacherRows(*codec.decode(self.spec, arrays))
+        return {name: handle.get_slice(name)[start:stop] for name in names}
+
+    def get(self, example_id: str) -> TeacherRows:
+        """The teacher rows of one example."""
+        return TeacherRows(*codec.decode(self.spec, self.encoded_rows(example_id)))
+
+    def get_many(self, example_ids: list[str]) -> tuple[TeacherRows, list[int]]:
+        """The rows of several examples, concatenated in order and decoded at once, and each one's row count."""
+        parts = [self.encoded_rows(example_id) for example_id in example_ids]
+        counts = [len(next(iter(p.values()))) for p in parts]
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return TeacherRows(*codec.decode(self.spec, arrays)), counts
 
     def check_compatible(self, tokenizer: PreTrainedTokenizerBase, examples: list[EncodedExample]) -> None:
         """Refuse a store made with another tokenizer, or on other token sequences than ``examples``."""
