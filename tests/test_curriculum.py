@@ -64,3 +64,67 @@ def test_sampler_plan_spans_passes_and_resumes_from_any_position():
     again = CurriculumBatchSampler(DIFFICULTY, LENGTHS, num_batches=30, schedule="sorted", batch_size=8, seed=5)
     again.start = 17
     assert list(again) == plan[17:] and len(again) == 13
+
+
+def test_reverse_is_monotone_hard_to_easy():
+    order = make_order("reverse", DIFFICULTY, random.Random(0))
+    ranks = [DIFFICULTY[i] for i in order]
+    assert sorted(order) == list(range(100)) and ranks == sorted(ranks, reverse=True)
+
+
+def test_baby_steps_are_cumulative():
+    order = make_order("baby_steps", DIFFICULTY, random.Random(0), num_buckets=4)
+    ranked = make_order("sorted", DIFFICULTY, random.Random(0))
+    phases, start = [], 0
+    for b in range(1, 5):
+        size = b * 100 // 4
+        phases.append(order[start : start + size])
+        start += size
+    assert start == len(order)
+    for before, after in itertools.pairwise(phases):
+        assert set(before) < set(after)  # each phase keeps every example of the one before and adds more
+    assert set(phases[-1]) == set(range(100))
+    # phase 1 holds the easiest quarter
+    assert max(DIFFICULTY[i] for i in phases[0]) <= min(DIFFICULTY[i] for i in ranked[25:])
+
+
+def test_competence_grows_monotonically_and_reaches_the_full_set_at_T():
+    from kdpipe.data.curriculum import competence
+
+    values = [competence(t, 50, c0=0.1) for t in range(80)]
+    assert values[0] == pytest.approx(0.1)
+    assert all(b >= a for a, b in itertools.pairwise(values))
+    assert values[50] == 1.0 and values[49] < 1.0 and values[-1] == 1.0
+    sampler = CurriculumBatchSampler(
+        DIFFICULTY,
+        LENGTHS,
+        num_batches=60,
+        schedule="competence",
+        batch_size=8,
+        seed=1,
+        schedule_kwargs={"c0": 0.1, "competence_steps": 40},
+    )
+    plan = list(sampler)
+    ranked_difficulty = sorted(DIFFICULTY)
+    for t, batch in enumerate(plan):
+        limit = max(8, round(competence(t, 40, 0.1) * 100))
+        assert max(DIFFICULTY[i] for i in batch) <= ranked_difficulty[limit - 1]  # only the easiest c(t)
+        assert len(set(batch)) == len(batch) == 8
+    assert max(DIFFICULTY[i] for b in plan[40:] for i in b) == max(DIFFICULTY)  # the whole set once c = 1
+
+
+@pytest.mark.parametrize("schedule", ["random", "sorted", "buckets", "baby_steps", "competence"])
+def test_two_ranks_get_disjoint_parts_that_cover_the_global_order(schedule):
+    kwargs = dict(num_batches=12, schedule=schedule, batch_size=4, seed=3)
+    single = CurriculumBatchSampler(DIFFICULTY, LENGTHS, num_replicas=2, rank=0, **kwargs)
+    ranks = [CurriculumBatchSampler(DIFFICULTY, LENGTHS, num_replicas=2, rank=r, **kwargs) for r in (0, 1)]
+    for step, global_batch in enumerate(single.global_plan):
+        parts = [list(r)[step] for r in ranks]
+        # disjoint by position in the global batch, covering it; by example too, except that a baby-steps batch
+        # spanning two phases may hold an example twice (once per phase)
+        assert sorted(parts[0] + parts[1]) == sorted(global_batch)
+        if schedule != "baby_steps":
+            assert not set(parts[0]) & set(parts[1])
+        assert len(parts[0]) == len(parts[1]) == 4
+    with pytest.raises(ValueError, match="rank 2"):
+        CurriculumBatchSampler(DIFFICULTY, LENGTHS, num_replicas=2, rank=2, **kwargs)

@@ -43,17 +43,67 @@ def order_buckets(difficulty: Sequence[float], rng: random.Random, num_buckets: 
     return order
 
 
+def order_reverse(difficulty: Sequence[float], rng: random.Random) -> Order:
+    """Hard to easy (anti-curriculum); ties broken at random."""
+    return order_sorted([-d for d in difficulty], rng)
+
+
+def order_baby_steps(difficulty: Sequence[float], rng: random.Random, num_buckets: int = 5) -> Order:
+    """Baby steps (Spitkovsky et al., 2010): phase b trains on buckets 1..b together, shuffled, so every
+    bucket is added to what came before instead of replacing it. One pass is all ``num_buckets`` phases."""
+    if num_buckets < 1:
+        raise ValueError(f"curriculum.num_buckets must be >= 1, got {num_buckets}")
+    ranked = order_sorted(difficulty, rng)
+    order: Order = []
+    for b in range(1, num_buckets + 1):
+        seen = ranked[: b * len(ranked) // num_buckets]
+        phase = list(seen)
+        rng.shuffle(phase)
+        order.extend(phase)
+    return order
+
+
 SCHEDULES: dict[str, Callable[..., Order]] = {
     "random": order_random,
     "sorted": order_sorted,
+    "reverse": order_reverse,
     "buckets": order_buckets,
+    "baby_steps": order_baby_steps,
 }
+PACED = ("competence",)  # schedules that pick each batch by step, not by passes
+
+
+def competence(step: int, total_steps: int, c0: float = 0.01) -> float:
+    """Platanios et al. (2019), square-root competence: c(t) = min(1, sqrt(t (1 - c0^2) / T + c0^2))."""
+    if not 0.0 < c0 <= 1.0:
+        raise ValueError(f"curriculum.c0 must be in (0, 1], got {c0}")
+    return min(1.0, (step * (1.0 - c0**2) / max(total_steps, 1) + c0**2) ** 0.5)
+
+
+def competence_plan(
+    difficulty: Sequence[float],
+    num_batches: int,
+    batch_size: int,
+    rng: random.Random,
+    c0: float = 0.01,
+    competence_steps: int | None = None,
+) -> list[list[int]]:
+    """Batch t is drawn uniformly (without replacement within the batch) from the easiest c(t) share of the
+    examples; c reaches 1 at ``competence_steps`` (default: the whole plan), after which all data is used."""
+    ranked = order_sorted(difficulty, rng)
+    total = competence_steps or num_batches
+    plan = []
+    for t in range(num_batches):
+        available = max(min(batch_size, len(ranked)), round(competence(t, total, c0) * len(ranked)))
+        plan.append(rng.sample(ranked[:available], min(batch_size, available)))
+    return plan
 
 
 def make_order(schedule: str, difficulty: Sequence[float], rng: random.Random, **kwargs) -> Order:
     """One pass's order under a named schedule."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown curriculum schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+        choices = sorted([*SCHEDULES, *PACED])
+        raise ValueError(f"unknown curriculum schedule {schedule!r}; choose one of {choices}")
     return SCHEDULES[schedule](difficulty, rng, **kwargs)
 
 
@@ -99,6 +149,8 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         max_tokens: int | None = None,
         seed: int = 0,
         schedule_kwargs: dict | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if len(difficulty) != len(lengths) or not difficulty:
             raise ValueError("curriculum needs one difficulty and one length per example, and some examples")
@@ -107,19 +159,28 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         self.difficulty, self.lengths = list(difficulty), list(lengths)
         self.num_batches, self.schedule, self.batch_size = num_batches, schedule, batch_size
         self.max_tokens, self.seed, self.schedule_kwargs = max_tokens, seed, dict(schedule_kwargs or {})
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_replicas, self.rank = num_replicas, rank
         self.start = 0
         self._plan: list[list[int]] | None = None
 
     def pass_batches(self, pass_index: int) -> list[list[int]]:
-        """The batches of one pass over the data."""
+        """The global batches of one pass over the data (``batch_size`` per rank)."""
         rng = random.Random(f"curriculum:{self.seed}:{pass_index}")
         order = make_order(self.schedule, self.difficulty, rng, **self.schedule_kwargs)
-        return cut_batches(order, self.lengths, self.batch_size, self.max_tokens)
+        max_tokens = self.max_tokens * self.num_replicas if self.max_tokens is not None else None
+        return cut_batches(order, self.lengths, self.batch_size * self.num_replicas, max_tokens)
 
     @property
-    def plan(self) -> list[list[int]]:
-        """Every batch of the stage, in order."""
+    def global_plan(self) -> list[list[int]]:
+        """Every global batch of the stage, in order (the same on every rank)."""
         if self._plan is None:
+            if self.schedule in PACED:
+                rng = random.Random(f"curriculum:{self.seed}:paced")
+                batch = self.batch_size * self.num_replicas
+                self._plan = competence_plan(self.difficulty, self.num_batches, batch, rng, **self.schedule_kwargs)
+                return self._plan
             plan: list[list[int]] = []
             pass_index = 0
             while len(plan) < self.num_batches:
@@ -127,6 +188,14 @@ class CurriculumBatchSampler(Sampler[list[int]]):
                 pass_index += 1
             self._plan = plan[: self.num_batches]
         return self._plan
+
+    @property
+    def plan(self) -> list[list[int]]:
+        """This rank's batches: rows ``rank::num_replicas`` of each global batch, so the ranks' parts are
+        disjoint and together cover the global order."""
+        if self.num_replicas == 1:
+            return self.global_plan
+        return [batch[self.rank :: self.num_replicas] for batch in self.global_plan]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.plan[self.start :]

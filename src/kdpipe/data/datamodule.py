@@ -97,8 +97,9 @@ class PostTrainDataModule(L.LightningDataModule):
             if self.store is not None:
                 self.store.check_compatible(self.tokenizer, train)
 
-    def make_sampler(self) -> CurriculumBatchSampler:
-        """The training plan's sampler (the same for the same seed and data)."""
+    def make_sampler(self, num_replicas: int = 1, rank: int = 0) -> CurriculumBatchSampler:
+        """The training plan's sampler (the same for the same seed and data); under DDP each rank gets
+        its rows of every global batch."""
         train = self.encode_split("train")
         cfg = self.curriculum_cfg
         schedule_kwargs = {k: v for k, v in cfg.items() if k not in ("scorer", "schedule")}
@@ -112,6 +113,8 @@ class PostTrainDataModule(L.LightningDataModule):
             max_tokens=max_tokens,
             seed=self.seed,
             schedule_kwargs=schedule_kwargs,
+            num_replicas=num_replicas,
+            rank=rank,
         )
 
     def consumed_batches(self) -> int:
@@ -122,7 +125,9 @@ class PostTrainDataModule(L.LightningDataModule):
         return trainer.global_step * trainer.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
-        sampler = self.make_sampler()
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = self.make_sampler(world, rank)
         sampler.start = self.consumed_batches()
         return DataLoader(
             self.encode_split("train"),

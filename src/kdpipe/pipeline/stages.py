@@ -143,6 +143,7 @@ def make_trainer(ctx: StageContext, max_steps: int, loggers: list) -> L.Trainer:
         logger=loggers or False,
         default_root_dir=str(ctx.stage_dir),
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the curriculum sampler already gives each rank its part
     )
 
 
