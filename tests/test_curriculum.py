@@ -6,6 +6,7 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from kdpipe.data.curriculum import CurriculumBatchSampler, cut_batches, make_order
 
@@ -128,3 +129,47 @@ def test_two_ranks_get_disjoint_parts_that_cover_the_global_order(schedule):
         assert len(parts[0]) == len(parts[1]) == 4
     with pytest.raises(ValueError, match="rank 2"):
         CurriculumBatchSampler(DIFFICULTY, LENGTHS, num_replicas=2, rank=2, **kwargs)
+
+
+def test_teacher_scorers_read_the_store_and_cache_per_scorer(tokenizer, tmp_path):
+    from kdpipe.data.scorers import example_scores
+    from kdpipe.store.reader import TeacherStore
+    from tests.test_store import encoded, write_store
+
+    examples = encoded(tokenizer)
+    write_store(tmp_path / "store", tokenizer, examples)
+    store = TeacherStore(tmp_path / "store")
+    nll = example_scores(examples, {"scorer": "teacher_nll"}, store)
+    for i, e in enumerate(examples):  # the plain reference: the decoded label log-probs, averaged
+        assert nll[i] == pytest.approx(float(-store.get(e.id).label_logprob.double().mean()))
+    assert (tmp_path / "store" / "scores" / "teacher_nll.json").exists()
+    entropy = example_scores(examples, {"scorer": "teacher_entropy"}, store)
+    got = store.get(examples[0].id)
+    p = torch.cat([got.topk_logprobs.double().exp(), got.tail_logprob.double().exp()[:, None]], -1)
+    assert entropy[0] == pytest.approx(float(-(torch.xlogy(p, p).sum(-1)).mean()))
+    assert all(v > 0 for v in entropy)
+    with pytest.raises(ValueError, match="reads the teacher store"):
+        example_scores(examples, {"scorer": "teacher_nll"}, None)
+
+
+def test_composite_averages_normalised_ranks(tokenizer):
+    from kdpipe.data.scorers import example_scores
+    from tests.test_store import encoded
+
+    examples = encoded(tokenizer)
+    level = example_scores(examples, {"scorer": "level"})
+    length = example_scores(examples, {"scorer": "length"})
+    mixed = example_scores(examples, {"scorer": "composite", "components": {"level": 1.0, "length": 1.0}})
+    only_level = example_scores(examples, {"scorer": "composite", "components": {"level": 1.0}})
+    assert all(0.0 <= v <= 1.0 for v in mixed)
+    # with one component the composite orders exactly as that scorer does
+    assert sorted(range(len(level)), key=lambda i: (level[i], i)) == sorted(
+        range(len(level)), key=lambda i: (only_level[i], i)
+    )
+    # dominance: an example at least as hard on every component is at least as hard overall
+    for a in range(len(mixed)):
+        for b in range(len(mixed)):
+            if level[a] >= level[b] and length[a] >= length[b]:
+                assert mixed[a] >= mixed[b] - 1e-12
+    with pytest.raises(ValueError, match=r"unknown curriculum\.scorer"):
+        example_scores(examples, {"scorer": "perplexity"})

@@ -190,3 +190,25 @@ def test_each_logger_writes_where_documented(tiny_cfg, tmp_path, logger):
     else:
         assert not logs.exists()
     assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_stage_can_order_its_data_by_teacher_nll_from_the_store(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "pipeline.order=[teacher_sft,score,sft_reasoning,sft_fast]",
+        "+pipeline.stages.sft_reasoning.curriculum.scorer=teacher_nll",
+        "+pipeline.stages.sft_reasoning.curriculum.schedule=sorted",
+    )
+    payload = train(cfg)
+    store = payload["stages"][1]["metrics"]["stores"]["reasoning"]
+    assert (Path(store) / "scores" / "teacher_nll.json").exists()  # computed once, cached beside the store
+    settings = json.loads((tmp_path / "run" / "03_sft_reasoning" / "metrics.json").read_text())["settings"]
+    assert settings["curriculum"]["scorer"] == "teacher_nll"
+    fast = json.loads((tmp_path / "run" / "04_sft_fast" / "metrics.json").read_text())["settings"]
+    assert fast["curriculum"]["scorer"] == "level"  # the other stages keep the default
+
+
+def test_teacher_scorer_without_a_store_is_refused(tiny_cfg):
+    with pytest.raises(PipelineConfigError, match="reads the teacher store"):
+        train(
+            tiny_cfg("pipeline.order=[sft_reasoning]", "+pipeline.stages.sft_reasoning.curriculum.scorer=teacher_nll")
+        )

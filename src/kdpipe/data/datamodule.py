@@ -18,18 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.data.curriculum import CurriculumBatchSampler
 from kdpipe.data.encode import EncodedExample, encode_example, system_prompt_for
+from kdpipe.data.scorers import example_scores
 from kdpipe.data.sources import load_examples
-
-
-def difficulty_of(example: EncodedExample, scorer: str) -> float:
-    """Difficulty of one example under a named scorer."""
-    if scorer == "level":
-        if example.level is None:
-            raise ValueError(f"example {example.id!r} has no level; use curriculum.scorer=length")
-        return float(example.level)
-    if scorer == "length":
-        return float(example.num_label_tokens)
-    raise ValueError(f"unknown curriculum.scorer {scorer!r}; choose 'level' or 'length'")
 
 
 class PostTrainDataModule(L.LightningDataModule):
@@ -45,6 +35,7 @@ class PostTrainDataModule(L.LightningDataModule):
         num_batches: batches the training plan holds (steps times gradient accumulation).
         seed: seed of the curriculum plan.
         store: a :class:`~kdpipe.store.reader.TeacherStore` to join (KD); checked against the data first.
+        scorer_store: the store the curriculum's teacher-based scorers read (default: ``store``).
     """
 
     def __init__(
@@ -58,6 +49,7 @@ class PostTrainDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_batch_size: int | None = None,
         store=None,
+        scorer_store=None,
     ) -> None:
         super().__init__()
         self.tokenizer, self.data_cfg = tokenizer, data
@@ -68,6 +60,7 @@ class PostTrainDataModule(L.LightningDataModule):
         self.seed = seed
         self.eval_batch_size = eval_batch_size or batch_size
         self.store = store
+        self.scorer_store = scorer_store if scorer_store is not None else store
         self.collator = Collator(tokenizer.pad_token_id, packing=bool(data.get("packing", False)))
         if store is not None:
             self.collator = KDCollator(self.collator, store)
@@ -102,10 +95,10 @@ class PostTrainDataModule(L.LightningDataModule):
         its rows of every global batch."""
         train = self.encode_split("train")
         cfg = self.curriculum_cfg
-        schedule_kwargs = {k: v for k, v in cfg.items() if k not in ("scorer", "schedule")}
+        schedule_kwargs = {k: v for k, v in cfg.items() if k not in ("scorer", "schedule", "components")}
         max_tokens = self.data_cfg.get("max_tokens") if self.data_cfg.get("packing") else None
         return CurriculumBatchSampler(
-            difficulty=[difficulty_of(e, cfg.scorer) for e in train],
+            difficulty=example_scores(train, cfg, self.scorer_store),
             lengths=[len(e.input_ids) for e in train],
             num_batches=self.num_batches,
             schedule=cfg.schedule,

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from kdpipe.data.datamodule import PostTrainDataModule
 from kdpipe.data.encode import system_prompt_for
+from kdpipe.data.scorers import needs_store
 from kdpipe.data.sources import load_examples
 from kdpipe.eval import evaluate_model
 from kdpipe.models.factory import build_model, build_tokenizer, count_parameters, load_model, load_tokenizer
@@ -180,6 +181,15 @@ def evaluate_stage(ctx: StageContext, model, tokenizer) -> dict:
 
 def make_datamodule(ctx: StageContext, tokenizer, store=None) -> PostTrainDataModule:
     settings = ctx.settings
+    scorer_store = None
+    if store is None and needs_store(settings.curriculum):  # e.g. an SFT stage ordered by teacher_nll
+        style = stage_styles(settings)[0]
+        if style not in ctx.stores:
+            raise PipelineConfigError(
+                f"stage {ctx.spec.name!r}: curriculum.scorer={settings.curriculum.scorer} reads the teacher "
+                f"store of style {style!r}: put a `score` stage before it"
+            )
+        scorer_store = TeacherStore(ctx.stores[style])
     return PostTrainDataModule(
         tokenizer,
         data=ctx.cfg.data,
@@ -190,6 +200,7 @@ def make_datamodule(ctx: StageContext, tokenizer, store=None) -> PostTrainDataMo
         seed=ctx.seed,
         eval_batch_size=int(settings.eval.batch_size),
         store=store,
+        scorer_store=scorer_store,
     )
 
 
