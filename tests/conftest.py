@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -16,6 +17,15 @@ quiet_third_party()
 
 # the smallest real pipeline: tiny models and data, CSV logs, no progress bars
 TINY = ["debug=fast", "logger=csv", "callbacks=none", "print_config=false"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread, so a busy machine does not make every op wait on a thread pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

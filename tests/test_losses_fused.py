@@ -13,12 +13,7 @@ from kdpipe.losses.kd import DIVERGENCES, TAIL_MODES
 B, T, H, V, K = 2, 7, 8, 24, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_case(seed: int, dtype=torch.float64, k: int = K, bias: bool = True):

@@ -13,13 +13,7 @@ from kdpipe.losses.kd import DIVERGENCES, TAIL_MODES
 IGN = -100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread, so a busy machine does not make every op wait on a thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- reference: explicit loops over Python floats --------------------------------------------------------------
