@@ -64,7 +64,7 @@ def test_sampler_plan_spans_passes_and_resumes_from_any_position():
     assert plan[13:26] != plan[:13]
     again = CurriculumBatchSampler(DIFFICULTY, LENGTHS, num_batches=30, schedule="sorted", batch_size=8, seed=5)
     again.start = 17
-    assert list(again) == plan[17:] and len(again) == 13
+    assert list(again) == plan[17:] and len(again) == 30  # len: the plan, as Lightning counts it
 
 
 def test_reverse_is_monotone_hard_to_easy():
@@ -159,8 +159,8 @@ def test_composite_averages_normalised_ranks(tokenizer):
     examples = encoded(tokenizer)
     level = example_scores(examples, {"scorer": "level"})
     length = example_scores(examples, {"scorer": "length"})
-    mixed = example_scores(examples, {"scorer": "composite", "components": {"level": 1.0, "length": 1.0}})
-    only_level = example_scores(examples, {"scorer": "composite", "components": {"level": 1.0}})
+    mixed = example_scores(examples, {"scorer": {"name": "composite", "components": {"level": 1.0, "length": 1.0}}})
+    only_level = example_scores(examples, {"scorer": {"name": "composite", "components": {"level": 1.0}}})
     assert all(0.0 <= v <= 1.0 for v in mixed)
     # with one component the composite orders exactly as that scorer does
     assert sorted(range(len(level)), key=lambda i: (level[i], i)) == sorted(
@@ -173,3 +173,62 @@ def test_composite_averages_normalised_ranks(tokenizer):
                 assert mixed[a] >= mixed[b] - 1e-12
     with pytest.raises(ValueError, match=r"unknown curriculum\.scorer"):
         example_scores(examples, {"scorer": "perplexity"})
+    with pytest.raises(ValueError, match="components"):
+        example_scores(examples, {"scorer": {"name": "composite", "components": {}}})
+    with pytest.raises(ValueError, match="needs a `name`"):
+        example_scores(examples, {"scorer": {"components": {"level": 1.0}}})
+
+
+def _tiny_lm(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_student_loss_matches_a_per_example_float64_reference_and_is_cached(tokenizer, tmp_path):
+    from kdpipe.data.collate import Collator
+    from kdpipe.data.scorers import example_scores
+    from tests.test_store import encoded
+
+    examples = encoded(tokenizer)
+    model = _tiny_lm(tokenizer)
+    cfg = {"scorer": {"name": "student_loss", "batch_size": 3}}  # batches mix lengths: padding must not leak
+    collate = Collator(tokenizer.pad_token_id)
+    scores = example_scores(examples, cfg, model=model, collate=collate, cache_dir=tmp_path / "scores")
+    with torch.no_grad():
+        for e, got in zip(examples, scores):  # reference: each example alone, no padding, float64 softmax
+            logits = model(torch.tensor([e.input_ids])).logits[0].double()
+            labels = torch.tensor(e.labels)
+            mask = labels != -100
+            nll = -logits.log_softmax(-1)[mask].gather(-1, labels[mask][:, None]).squeeze(-1)
+            assert got == pytest.approx(float(nll.mean()), rel=1e-5)
+    # resume: the stage-start scores come back from the cache even though the model has moved on
+    moved = _tiny_lm(tokenizer, seed=1)
+    again = example_scores(examples, cfg, model=moved, collate=collate, cache_dir=tmp_path / "scores")
+    assert again == scores
+    assert example_scores(examples, cfg, cache_dir=tmp_path / "scores") == scores  # no model needed then
+    fresh = example_scores(examples, cfg, model=moved, collate=collate, cache_dir=tmp_path / "other")
+    assert fresh != scores
+    with pytest.raises(ValueError, match="runs the current model"):
+        example_scores(examples, cfg, cache_dir=tmp_path / "empty")
+    assert model.training is False and moved.training is False  # the scoring pass restores the mode
+
+
+def test_composite_can_mix_student_loss_with_a_given_level(tokenizer, tmp_path):
+    from kdpipe.data.collate import Collator
+    from kdpipe.data.scorers import example_scores, needs_model, needs_store
+    from tests.test_store import encoded
+
+    examples = encoded(tokenizer)
+    cfg = {"scorer": {"name": "composite", "components": {"level": 2.0, "student_loss": 1.0}}}
+    assert needs_model(cfg) and not needs_store(cfg)
+    scores = example_scores(
+        examples, cfg, model=_tiny_lm(tokenizer), collate=Collator(tokenizer.pad_token_id), cache_dir=tmp_path
+    )
+    assert all(0.0 <= v <= 1.0 for v in scores)
+    assert (tmp_path / "student_loss.json").exists()

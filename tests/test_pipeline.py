@@ -121,6 +121,23 @@ def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(tiny_cfg, tm
         assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
 
 
+@pytest.mark.parametrize("crash_step", [3, 5])  # checkpoints every 2 steps: resume before and after validation
+def test_a_stage_resumed_mid_epoch_runs_the_rest_of_its_plan(tiny_cfg, tmp_path, crash_step):
+    overrides = ["pipeline.order=[sft_reasoning]", "++pipeline.stages.sft_reasoning.checkpoint_every_n_steps=2"]
+    train(tiny_cfg(*overrides, run_dir=tmp_path / "reference"))
+    marker = tmp_path / "crashed.marker"
+    at = f"stage: sft_reasoning, step: {crash_step}, marker: '{marker}'"
+    crash = f"+callbacks.crash={{_target_: tests.helpers.CrashAt, {at}}}"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(*overrides, crash, run_dir=tmp_path / "crashed"))
+    payload = train(tiny_cfg(f"resume={tmp_path / 'crashed'}"))
+    assert payload["stages"][0]["metrics"]["steps"] == 8  # all of max_steps, not the plan minus the skipped part
+    resumed = load_file(tmp_path / "crashed" / "01_sft_reasoning" / "export" / "model.safetensors")
+    reference = load_file(tmp_path / "reference" / "01_sft_reasoning" / "export" / "model.safetensors")
+    for key in reference:
+        assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
+
+
 def test_unknown_stage_name_in_order_is_refused_before_training(tiny_cfg, tmp_path):
     with pytest.raises(PipelineConfigError, match=r"unknown stage 'sft_fats'.*did you mean 'sft_fast'"):
         train(tiny_cfg("pipeline.order=[teacher_sft,sft_fats]"))
@@ -204,7 +221,35 @@ def test_a_stage_can_order_its_data_by_teacher_nll_from_the_store(tiny_cfg, tmp_
     settings = json.loads((tmp_path / "run" / "03_sft_reasoning" / "metrics.json").read_text())["settings"]
     assert settings["curriculum"]["scorer"] == "teacher_nll"
     fast = json.loads((tmp_path / "run" / "04_sft_fast" / "metrics.json").read_text())["settings"]
-    assert fast["curriculum"]["scorer"] == "level"  # the other stages keep the default
+    assert fast["curriculum"]["scorer"] == {"name": "level"}  # the other stages keep the default
+
+
+def test_student_loss_curriculum_scores_with_the_stage_start_model_and_resumes_exactly(tiny_cfg, tmp_path):
+    overrides = [
+        "pipeline.order=[sft_fast,sft_reasoning]",
+        "curriculum=competence",
+        "curriculum/scorer=student_loss",
+        "++pipeline.stages.sft_reasoning.checkpoint_every_n_steps=2",
+    ]
+    reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
+    payload = train(tiny_cfg(*overrides, run_dir=reference_dir))
+    scores = json.loads((reference_dir / "02_sft_reasoning" / "scores" / "student_loss.json").read_text())
+    assert len(scores) == payload["stages"][1]["metrics"]["train_examples"]
+    settings = json.loads((reference_dir / "02_sft_reasoning" / "metrics.json").read_text())["settings"]
+    assert settings["curriculum"]["scorer"]["name"] == "student_loss"
+
+    marker = tmp_path / "crashed.marker"
+    crash = (
+        f"+callbacks.crash={{_target_: tests.helpers.CrashAt, stage: 02_sft_reasoning, step: 3, marker: '{marker}'}}"
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(*overrides, crash, run_dir=crashed_dir))
+    train(tiny_cfg(f"resume={crashed_dir}"))  # the resumed model has trained: only the cached scores match
+    assert json.loads((crashed_dir / "02_sft_reasoning" / "scores" / "student_loss.json").read_text()) == scores
+    resumed = load_file(crashed_dir / "02_sft_reasoning" / "export" / "model.safetensors")
+    reference = load_file(reference_dir / "02_sft_reasoning" / "export" / "model.safetensors")
+    for key in reference:
+        assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
 
 
 def test_teacher_scorer_without_a_store_is_refused(tiny_cfg):

@@ -129,6 +129,10 @@ def cut_batches(
 class CurriculumBatchSampler(Sampler[list[int]]):
     """Yields the stage's batch plan, from batch ``start`` on.
 
+    ``len()`` is always the whole plan: a Lightning run resumed mid-epoch restores how many batches it
+    has already seen and ends the epoch when that count reaches ``len()``, so skipping the consumed batches
+    here (``start``) and counting them there must add up to the same plan.
+
     Args:
         difficulty: one score per example (higher is harder).
         lengths: tokens per example (used when ``max_tokens`` is set).
@@ -201,4 +205,4 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         yield from self.plan[self.start :]
 
     def __len__(self) -> int:
-        return max(0, self.num_batches - self.start)
+        return self.num_batches  # the whole plan, also when resuming from ``start`` (see the class docstring)

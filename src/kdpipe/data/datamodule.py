@@ -36,6 +36,9 @@ class PostTrainDataModule(L.LightningDataModule):
         seed: seed of the curriculum plan.
         store: a :class:`~kdpipe.store.reader.TeacherStore` to join (KD); checked against the data first.
         scorer_store: the store the curriculum's teacher-based scorers read (default: ``store``).
+        scorer_model: the model the ``student_loss`` scorer runs (the stage's model, at stage start).
+        score_cache_dir: where model-based scores are cached (the stage's ``scores/`` folder), so a resumed
+            stage reuses its stage-start scores.
     """
 
     def __init__(
@@ -50,6 +53,8 @@ class PostTrainDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         store=None,
         scorer_store=None,
+        scorer_model=None,
+        score_cache_dir=None,
     ) -> None:
         super().__init__()
         self.tokenizer, self.data_cfg = tokenizer, data
@@ -61,6 +66,7 @@ class PostTrainDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.store = store
         self.scorer_store = scorer_store if scorer_store is not None else store
+        self.scorer_model, self.score_cache_dir = scorer_model, score_cache_dir
         self.collator = Collator(tokenizer.pad_token_id, packing=bool(data.get("packing", False)))
         if store is not None:
             self.collator = KDCollator(self.collator, store)
@@ -95,10 +101,16 @@ class PostTrainDataModule(L.LightningDataModule):
         its rows of every global batch."""
         train = self.encode_split("train")
         cfg = self.curriculum_cfg
-        schedule_kwargs = {k: v for k, v in cfg.items() if k not in ("scorer", "schedule", "components")}
+        schedule_kwargs = {k: v for k, v in cfg.items() if k not in ("scorer", "schedule")}
         max_tokens = self.data_cfg.get("max_tokens") if self.data_cfg.get("packing") else None
+        difficulty = [0.0] * len(train)  # a random order ignores difficulty: nothing to score
+        if cfg.schedule != "random":
+            collate = Collator(self.tokenizer.pad_token_id)
+            difficulty = example_scores(
+                train, cfg, self.scorer_store, model=self.scorer_model, collate=collate, cache_dir=self.score_cache_dir
+            )
         return CurriculumBatchSampler(
-            difficulty=example_scores(train, cfg, self.scorer_store),
+            difficulty=difficulty,
             lengths=[len(e.input_ids) for e in train],
             num_batches=self.num_batches,
             schedule=cfg.schedule,

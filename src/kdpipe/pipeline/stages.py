@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from kdpipe.data.datamodule import PostTrainDataModule
 from kdpipe.data.encode import system_prompt_for
-from kdpipe.data.scorers import needs_store
+from kdpipe.data.scorers import needs_model, needs_store, scorer_config
 from kdpipe.data.sources import load_examples
 from kdpipe.eval import evaluate_model
 from kdpipe.models.factory import build_model, build_tokenizer, count_parameters, load_model, load_tokenizer
@@ -133,6 +134,9 @@ def make_trainer(ctx: StageContext, max_steps: int, loggers: list) -> L.Trainer:
         )
     )
     val_every = min(int(settings.val_every_n_steps), max_steps * int(settings.accumulate_grad_batches))
+    # the curriculum sampler resumes mid-epoch itself (it skips the consumed batches): Lightning's warning
+    # about non-resumable dataloaders does not apply
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     return hydra.utils.instantiate(
         ctx.cfg.trainer,
         log_every_n_steps=min(int(ctx.cfg.trainer.get("log_every_n_steps", 50)), max_steps),
@@ -179,15 +183,16 @@ def evaluate_stage(ctx: StageContext, model, tokenizer) -> dict:
     return {**metrics, "eval_split": str(eval_cfg.split)}
 
 
-def make_datamodule(ctx: StageContext, tokenizer, store=None) -> PostTrainDataModule:
+def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None) -> PostTrainDataModule:
+    """The stage's DataModule; ``model`` is what a ``student_loss`` curriculum scores with."""
     settings = ctx.settings
     scorer_store = None
     if store is None and needs_store(settings.curriculum):  # e.g. an SFT stage ordered by teacher_nll
         style = stage_styles(settings)[0]
         if style not in ctx.stores:
             raise PipelineConfigError(
-                f"stage {ctx.spec.name!r}: curriculum.scorer={settings.curriculum.scorer} reads the teacher "
-                f"store of style {style!r}: put a `score` stage before it"
+                f"stage {ctx.spec.name!r}: curriculum.scorer={scorer_config(settings.curriculum)['name']} reads "
+                f"the teacher store of style {style!r}: put a `score` stage before it"
             )
         scorer_store = TeacherStore(ctx.stores[style])
     return PostTrainDataModule(
@@ -201,6 +206,8 @@ def make_datamodule(ctx: StageContext, tokenizer, store=None) -> PostTrainDataMo
         eval_batch_size=int(settings.eval.batch_size),
         store=store,
         scorer_store=scorer_store,
+        scorer_model=model if needs_model(settings.curriculum) else None,
+        score_cache_dir=ctx.stage_dir / "scores",
     )
 
 
@@ -255,7 +262,7 @@ def run_sft(ctx: StageContext) -> tuple[dict, Path]:
     """Supervised fine-tuning on one response style, then (optionally) evaluation of the result."""
     model, tokenizer = load_model_and_tokenizer(ctx)
     module = SFTModule(model, **optimizer_parts(ctx.settings))
-    return train_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer))
+    return train_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer, model=model))
 
 
 def resolve_store_path(ctx: StageContext) -> Path:
@@ -281,7 +288,9 @@ def run_kd(ctx: StageContext) -> tuple[dict, Path]:
     model, tokenizer = load_model_and_tokenizer(ctx)
     loss = OmegaConf.to_container(ctx.settings.loss, resolve=True)
     module = KDModule(model, loss=loss, **optimizer_parts(ctx.settings))
-    metrics, export = train_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer, store=store))
+    metrics, export = train_stage(
+        ctx, module, tokenizer, make_datamodule(ctx, tokenizer, store=store, model=module.model)
+    )
     metrics["store"] = str(store.path)
     return metrics, export
 
