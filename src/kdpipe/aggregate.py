@@ -1,0 +1,226 @@
+"""``kdpipe-aggregate``: summarise a Hydra multirun (e.g. ``experiment=curriculum_ablation``).
+
+kdpipe-aggregate logs/multiruns/2026-11-23_13-42-46              # group by what the sweep varied, over seeds
+kdpipe-aggregate logs/multiruns/<dir> --over seed --stage sft_reasoning
+
+Every job folder's ``results.json`` is read; jobs are grouped by the overrides that differ between jobs,
+leaving out the ``--over`` keys (default: ``seed``), which become the repeats. For one stage (default: the
+last evaluated one) it writes ``summary.json``, ``summary.md`` (mean ± std of accuracy, overall and per
+level) and ``summary.png`` (the same as bars with error bars) into the sweep folder, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json
+
+console = Console(width=None if sys.stdout.isatty() else 160)  # piped to a log: do not wrap at 80
+
+
+@dataclass
+class Job:
+    """One multirun job: its folder, its command-line overrides and its ``results.json``."""
+
+    dir: Path
+    overrides: dict[str, str]
+    results: dict
+
+
+def _job_key(path: Path):
+    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
+
+
+def read_overrides(job_dir: Path) -> dict[str, str]:
+    """The job's ``key=value`` overrides from Hydra's ``.hydra/overrides.yaml`` ({} when it has none)."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return {}
+    overrides = {}
+    for line in yaml.safe_load(path.read_text()) or []:
+        key, _, value = str(line).partition("=")
+        overrides[key.lstrip("+~")] = value
+    return overrides
+
+
+def load_jobs(sweep_dir: Path) -> tuple[list[Job], list[Path]]:
+    """Finished jobs under ``sweep_dir`` (folders with a ``results.json``), and the folders without one."""
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a directory (expected a Hydra multirun folder)")
+    jobs, unfinished = [], []
+    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_job_key):
+        results = job_dir / "results.json"
+        if results.exists():
+            jobs.append(Job(job_dir, read_overrides(job_dir), read_json(results)))
+        elif (job_dir / ".hydra").exists() or (job_dir / "config.yaml").exists():
+            unfinished.append(job_dir)
+    return jobs, unfinished
+
+
+def group_jobs(jobs: list[Job], over: tuple[str, ...] = ("seed",)) -> dict[str, list[Job]]:
+    """Jobs grouped by the overrides that vary between jobs, except the ``over`` keys (the repeats)."""
+    keys = sorted({k for job in jobs for k in job.overrides})
+    varying = [k for k in keys if k not in over and len({job.overrides.get(k) for job in jobs}) > 1]
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        label = " ".join(f"{k}={job.overrides.get(k, '-')}" for k in varying) or "all"
+        groups.setdefault(label, []).append(job)
+    return groups
+
+
+def stage_metrics(job: Job, stage: str | None) -> dict:
+    """The metrics of the named stage (default: the last stage that reports ``accuracy``)."""
+    stages = job.results.get("stages") or []
+    if stage is not None:
+        named = [s for s in stages if s["name"] == stage]
+        if not named:
+            raise KeyError(f"{job.dir / 'results.json'}: no stage {stage!r} (has {[s['name'] for s in stages]})")
+        return named[-1]["metrics"]
+    evaluated = [s for s in stages if "accuracy" in s["metrics"]]
+    if not evaluated:
+        raise KeyError(f"{job.dir / 'results.json'}: no stage reports accuracy")
+    return evaluated[-1]["metrics"]
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def summarize(groups: dict[str, list[Job]], stage: str | None = None) -> dict:
+    """Mean and sample standard deviation of accuracy (overall and per level) and train time per group."""
+    rows = []
+    for label, jobs in groups.items():
+        metrics = [stage_metrics(job, stage) for job in jobs]
+        levels = sorted({lvl for m in metrics for lvl in (m.get("accuracy_by_level") or {})}, key=int)
+        rows.append(
+            {
+                "group": label,
+                "jobs": [job.dir.name for job in jobs],
+                "accuracy": _mean_std([float(m["accuracy"]) for m in metrics]),
+                "accuracy_by_level": {
+                    lvl: _mean_std(
+                        [float(m["accuracy_by_level"][lvl]) for m in metrics if lvl in m["accuracy_by_level"]]
+                    )
+                    for lvl in levels
+                },
+                "train_seconds": _mean_std([float(m.get("train_seconds", 0.0)) for m in metrics]),
+            }
+        )
+    return {"stage": stage, "groups": rows}
+
+
+def _pm(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    levels = sorted({lvl for g in summary["groups"] for lvl in g["accuracy_by_level"]}, key=int)
+    header = ["group", "runs", "acc %", *[f"L{lvl} %" for lvl in levels], "train s"]
+    rows = [
+        [
+            g["group"],
+            str(g["accuracy"]["n"]),
+            _pm(g["accuracy"]),
+            *[_pm(g["accuracy_by_level"][lvl]) if lvl in g["accuracy_by_level"] else "-" for lvl in levels],
+            f"{g['train_seconds']['mean']:.0f}",
+        ]
+        for g in summary["groups"]
+    ]
+    return header, rows
+
+
+def markdown_summary(summary: dict) -> str:
+    header, rows = table_rows(summary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def plot_summary(summary: dict, path: Path, title: str) -> None:
+    """Grouped bars with standard-deviation error bars: accuracy per level and overall, per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = summary["groups"]
+    levels = sorted({lvl for g in groups for lvl in g["accuracy_by_level"]}, key=int)
+    ticks = [f"L{lvl}" for lvl in levels] + ["all"]
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.3 * len(ticks) * len(groups) + len(ticks)), 4.2))
+    width = 0.8 / max(len(groups), 1)
+    for i, g in enumerate(groups):
+        stats = [g["accuracy_by_level"].get(lvl, {"mean": 0.0, "std": 0.0}) for lvl in levels] + [g["accuracy"]]
+        xs = [t + (i - (len(groups) - 1) / 2) * width for t in range(len(ticks))]
+        ax.bar(
+            xs,
+            [100 * s["mean"] for s in stats],
+            width=width,
+            yerr=[100 * s["std"] for s in stats],
+            capsize=2,
+            label=f"{g['group']} (n={g['accuracy']['n']})",
+        )
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_ylabel("exact match (%), mean ± std")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def aggregate(sweep_dir: Path, over: tuple[str, ...] = ("seed",), stage: str | None = None) -> dict:
+    """Summarise the multirun in ``sweep_dir``; writes ``summary.{json,md,png}`` there and returns it."""
+    jobs, unfinished = load_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir}: no job folder has a results.json (is the sweep still running?)")
+    summary = summarize(group_jobs(jobs, over), stage)
+    summary.update(sweep_dir=str(sweep_dir), over=list(over), unfinished=[p.name for p in unfinished])
+    atomic_write_json(sweep_dir / "summary.json", summary)
+    atomic_write_text(sweep_dir / "summary.md", markdown_summary(summary))
+    label = stage or "last evaluated stage"
+    plot_summary(summary, sweep_dir / "summary.png", f"{sweep_dir.name}: {label}, over {', '.join(over)}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kdpipe-aggregate", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun folder (logs/multiruns/<date_time>)")
+    parser.add_argument("--over", nargs="+", default=["seed"], help="override keys that are repeats (default: seed)")
+    parser.add_argument("--stage", default=None, help="stage to summarise (default: the last evaluated one)")
+    args = parser.parse_args(argv)
+    try:
+        summary = aggregate(args.sweep_dir, tuple(args.over), args.stage)
+    except (FileNotFoundError, KeyError) as err:
+        print(f"kdpipe-aggregate: {err}", file=sys.stderr)
+        return 2
+    header, rows = table_rows(summary)
+    table = Table(title=f"{args.sweep_dir} (mean ± std over {', '.join(args.over)})")
+    for h in header:
+        table.add_column(h, justify="left" if h == "group" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if summary["unfinished"]:
+        console.print(f"[yellow]left out, no results.json: {', '.join(summary['unfinished'])}")
+    console.print(f"summary: {args.sweep_dir / 'summary.md'}  plot: {args.sweep_dir / 'summary.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

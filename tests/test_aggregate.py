@@ -1,0 +1,90 @@
+"""kdpipe-aggregate: grouping multirun jobs, mean and std per level, and the ablation experiment end to end."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from kdpipe.aggregate import aggregate, main
+from kdpipe.utils.paths import config_dir
+from tests.test_cli import BIN, run
+
+
+def fake_job(sweep: Path, num: int, overrides: list[str], accuracy: float, by_level: dict[str, float]) -> None:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    metrics = {"accuracy": accuracy, "accuracy_by_level": by_level, "train_seconds": 10.0 + num}
+    stages = [{"name": "sft_reasoning", "kind": "sft", "model": "student", "dir": "01_sft_reasoning",
+               "status": "done", "metrics": metrics}]  # fmt: skip
+    (job / "results.json").write_text(json.dumps({"stages": stages}))
+
+
+def test_jobs_are_grouped_by_what_varies_and_summarised_over_seeds(tmp_path):
+    accuracies = {("random", 1): 0.9, ("random", 2): 0.8, ("random", 3): 0.85, ("sorted", 1): 0.2, ("sorted", 2): 0.3}
+    for num, ((curriculum, seed), acc) in enumerate(accuracies.items()):
+        overrides = [f"curriculum={curriculum}", f"seed={seed}", "experiment=curriculum_ablation"]
+        fake_job(tmp_path, num, overrides, acc, {"1": acc + 0.05, "2": acc - 0.05})
+    (tmp_path / "9" / ".hydra").mkdir(parents=True)  # a job that crashed: reported, not averaged
+    summary = aggregate(tmp_path)
+    groups = {g["group"]: g for g in summary["groups"]}
+    assert list(groups) == ["curriculum=random", "curriculum=sorted"]  # the constant experiment= is no group
+    random_acc = [0.9, 0.8, 0.85]
+    assert groups["curriculum=random"]["accuracy"]["mean"] == pytest.approx(statistics.fmean(random_acc))
+    assert groups["curriculum=random"]["accuracy"]["std"] == pytest.approx(statistics.stdev(random_acc))
+    assert groups["curriculum=sorted"]["accuracy_by_level"]["2"]["mean"] == pytest.approx(0.2)
+    assert groups["curriculum=sorted"]["accuracy"]["n"] == 2
+    assert summary["unfinished"] == ["9"]
+    table = (tmp_path / "summary.md").read_text()
+    assert "| curriculum=random | 3 | 85.0 ± 5.0 | 90.0 ± 5.0 | 80.0 ± 5.0 |" in table
+    assert (tmp_path / "summary.png").stat().st_size > 0
+    # grouping by seed instead, over the curricula
+    by_seed = aggregate(tmp_path, over=("curriculum",))
+    assert [g["group"] for g in by_seed["groups"]] == ["seed=1", "seed=2", "seed=3"]
+
+
+def test_aggregate_errors_name_the_folder_and_stage(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    assert "no job folder has a results.json" in capsys.readouterr().err
+    fake_job(tmp_path, 0, ["seed=1"], 0.5, {"1": 0.5})
+    assert main([str(tmp_path), "--stage", "kd_fast"]) == 2
+    assert "no stage 'kd_fast'" in capsys.readouterr().err
+
+
+def test_curriculum_ablation_composes_four_schedules_times_three_seeds():
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=curriculum_ablation"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params.curriculum.split(",") == ["random", "sorted", "competence", "reverse"]
+    assert len(str(params.seed).split(",")) >= 3
+    assert list(cfg.pipeline.order) == ["sft_reasoning"]
+
+
+def test_ablation_multirun_then_aggregate_end_to_end(tmp_path):
+    """The real entry points: a 2 x 2 version of the ablation on the tiny pipeline, then the summary."""
+    proc = run(
+        [
+            str(BIN / "kdpipe-train"),
+            "experiment=curriculum_ablation",
+            "debug=fast",
+            "callbacks=none",
+            "curriculum=random,competence",  # command-line sweeps replace the experiment's params
+            "seed=1,2",
+            "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run([str(BIN / "kdpipe-aggregate"), str(tmp_path / "sweep")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert [g["group"] for g in summary["groups"]] == ["curriculum=random", "curriculum=competence"]
+    assert all(g["accuracy"]["n"] == 2 for g in summary["groups"])
+    assert "curriculum=competence" in proc.stdout
