@@ -18,7 +18,8 @@ def fake_job(sweep: Path, num: int, overrides: list[str], accuracy: float, by_le
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    metrics = {"accuracy": accuracy, "accuracy_by_level": by_level, "train_seconds": 10.0 + num}
+    metrics = {"accuracy": accuracy, "accuracy_by_level": by_level, "train_seconds": 10.0 + num,
+               "mean_response_tokens": 20.0 + num}  # fmt: skip
     stages = [{"name": "sft_reasoning", "kind": "sft", "model": "student", "dir": "01_sft_reasoning",
                "status": "done", "metrics": metrics}]  # fmt: skip
     (job / "results.json").write_text(json.dumps({"stages": stages}))
@@ -40,7 +41,7 @@ def test_jobs_are_grouped_by_what_varies_and_summarised_over_seeds(tmp_path):
     assert groups["curriculum=sorted"]["accuracy"]["n"] == 2
     assert summary["unfinished"] == ["9"]
     table = (tmp_path / "summary.md").read_text()
-    assert "| curriculum=random | 3 | 85.0 ± 5.0 | 90.0 ± 5.0 | 80.0 ± 5.0 |" in table
+    assert "| curriculum=random | 3 | 85.0 ± 5.0 | 90.0 ± 5.0 | 80.0 ± 5.0 | 21.0 | 11 |" in table
     assert (tmp_path / "summary.png").stat().st_size > 0
     # grouping by seed instead, over the curricula
     by_seed = aggregate(tmp_path, over=("curriculum",))

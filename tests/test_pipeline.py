@@ -75,7 +75,7 @@ def test_a_second_run_reuses_the_teacher_store_instead_of_rescoring(tiny_cfg, tm
 
 
 def test_kd_without_a_store_is_refused(tiny_cfg):
-    with pytest.raises(PipelineConfigError, match=r"has no teacher store: put a `score` stage"):
+    with pytest.raises(PipelineConfigError, match=r"has no teacher store of its label sequences: put a `score` stage"):
         train(tiny_cfg("pipeline.order=[kd_fast]"))
 
 

@@ -100,7 +100,8 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def summarize(groups: dict[str, list[Job]], stage: str | None = None) -> dict:
-    """Mean and sample standard deviation of accuracy (overall and per level) and train time per group."""
+    """Mean and sample standard deviation of accuracy (overall and per level), response length and train
+    time per group."""
     rows = []
     for label, jobs in groups.items():
         metrics = [stage_metrics(job, stage) for job in jobs]
@@ -116,6 +117,7 @@ def summarize(groups: dict[str, list[Job]], stage: str | None = None) -> dict:
                     )
                     for lvl in levels
                 },
+                "mean_response_tokens": _mean_std([float(m.get("mean_response_tokens", 0.0)) for m in metrics]),
                 "train_seconds": _mean_std([float(m.get("train_seconds", 0.0)) for m in metrics]),
             }
         )
@@ -128,13 +130,14 @@ def _pm(stat: dict) -> str:
 
 def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     levels = sorted({lvl for g in summary["groups"] for lvl in g["accuracy_by_level"]}, key=int)
-    header = ["group", "runs", "acc %", *[f"L{lvl} %" for lvl in levels], "train s"]
+    header = ["group", "runs", "acc %", *[f"L{lvl} %" for lvl in levels], "resp tok", "train s"]
     rows = [
         [
             g["group"],
             str(g["accuracy"]["n"]),
             _pm(g["accuracy"]),
             *[_pm(g["accuracy_by_level"][lvl]) if lvl in g["accuracy_by_level"] else "-" for lvl in levels],
+            f"{g['mean_response_tokens']['mean']:.1f}",
             f"{g['train_seconds']['mean']:.0f}",
         ]
         for g in summary["groups"]

@@ -206,3 +206,82 @@ class CurriculumBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.num_batches  # the whole plan, also when resuming from ``start`` (see the class docstring)
+
+
+def _stream(pool: CurriculumBatchSampler) -> Iterator[int]:
+    """A pool's plan read as one endless stream of examples: the stage's plan, then further passes."""
+    yield from (i for batch in pool.global_plan for i in batch)
+    pass_index = 0
+    while True:  # the plan's last batch of a pass may be short, so a stream can need a little more
+        if pool.schedule in PACED:
+            yield from (i for batch in pool.global_plan for i in batch)
+        else:
+            yield from (i for batch in pool.pass_batches(10_000 + pass_index) for i in batch)
+        pass_index += 1
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Batches that mix two pools in a fixed proportion: ``ratio`` of every global batch from ``secondary``.
+
+    Used by KD stages that train on label-conditioned (``primary``) and on-policy (``secondary``) sequences
+    at once (the paper's lambda). Each pool keeps its own curriculum plan (read as one stream of examples);
+    batch t takes ``round((t + 1) r B) - round(t r B)`` examples from the secondary stream and the rest from
+    the primary, so every prefix of the plan holds the requested share up to one example. Secondary indices
+    are offset by ``offset`` (the primary pool's size: the two pools are concatenated in one dataset).
+    Rows are shuffled within a batch (seeded), then sliced per rank as in :class:`CurriculumBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        primary: CurriculumBatchSampler,
+        secondary: CurriculumBatchSampler,
+        ratio: float,
+        offset: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"on-policy ratio (lambda) must be in [0, 1], got {ratio}")
+        if primary.max_tokens is not None or secondary.max_tokens is not None:
+            raise ValueError("mixing label and on-policy sequences needs fixed-size batches (data.packing=false)")
+        if primary.num_replicas != 1 or secondary.num_replicas != 1:
+            raise ValueError("the pools' samplers must be global (num_replicas=1); the mix is sliced per rank")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.primary, self.secondary, self.ratio, self.offset = primary, secondary, ratio, offset
+        self.num_batches, self.batch_size = primary.num_batches, primary.batch_size
+        self.num_replicas, self.rank = num_replicas, rank
+        self.start = 0
+        self._plan: list[list[int]] | None = None
+
+    def secondary_count(self, t: int) -> int:
+        """Examples batch ``t`` takes from the secondary pool."""
+        total = self.batch_size
+        return round((t + 1) * self.ratio * total) - round(t * self.ratio * total)
+
+    @property
+    def global_plan(self) -> list[list[int]]:
+        if self._plan is None:
+            first, second = _stream(self.primary), _stream(self.secondary)
+            rng = random.Random(f"mixed:{self.primary.seed}")
+            plan = []
+            for t in range(self.num_batches):
+                n = self.secondary_count(t)
+                batch = [next(first) for _ in range(self.batch_size - n)]
+                batch += [self.offset + next(second) for _ in range(n)]
+                rng.shuffle(batch)
+                plan.append(batch)
+            self._plan = plan
+        return self._plan
+
+    @property
+    def plan(self) -> list[list[int]]:
+        if self.num_replicas == 1:
+            return self.global_plan
+        return [batch[self.rank :: self.num_replicas] for batch in self.global_plan]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.plan[self.start :]
+
+    def __len__(self) -> int:
+        return self.num_batches

@@ -16,10 +16,26 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from kdpipe.data.collate import Collator, KDCollator
-from kdpipe.data.curriculum import CurriculumBatchSampler
+from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler
 from kdpipe.data.encode import EncodedExample, encode_example, system_prompt_for
 from kdpipe.data.scorers import example_scores
-from kdpipe.data.sources import load_examples
+from kdpipe.data.sources import load_examples, subset_by_id
+from kdpipe.store.reader import StoreUnion
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase, data_cfg: DictConfig, examples: list[dict], styles: Sequence[str]
+) -> tuple[list[EncodedExample], int]:
+    """Tokenize examples once per style (each with its style's system prompt); returns the encoded examples
+    and how many were dropped for exceeding ``data.max_length``."""
+    max_length = data_cfg.get("max_length")
+    encoded = [
+        encode_example(tokenizer, ex, style, max_length, system_prompt_for(data_cfg, style))
+        for style in styles
+        for ex in examples
+    ]
+    kept = [e for e in encoded if e is not None]
+    return kept, len(encoded) - len(kept)
 
 
 class PostTrainDataModule(L.LightningDataModule):
@@ -39,6 +55,11 @@ class PostTrainDataModule(L.LightningDataModule):
         scorer_model: the model the ``student_loss`` scorer runs (the stage's model, at stage start).
         score_cache_dir: where model-based scores are cached (the stage's ``scores/`` folder), so a resumed
             stage reuses its stage-start scores.
+        onpolicy_examples: the student's own sampled responses (rollout records) to train on as well.
+        onpolicy_store: the teacher's signal on those responses (KD).
+        onpolicy_lambda: the share of every training batch drawn from the on-policy pool (0: labels only,
+            1: on-policy only).
+        train_fraction: train on this id-hashed, nested share of the training split.
     """
 
     def __init__(
@@ -55,6 +76,10 @@ class PostTrainDataModule(L.LightningDataModule):
         scorer_store=None,
         scorer_model=None,
         score_cache_dir=None,
+        onpolicy_examples: list[dict] | None = None,
+        onpolicy_store=None,
+        onpolicy_lambda: float = 0.0,
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         self.tokenizer, self.data_cfg = tokenizer, data
@@ -67,60 +92,96 @@ class PostTrainDataModule(L.LightningDataModule):
         self.store = store
         self.scorer_store = scorer_store if scorer_store is not None else store
         self.scorer_model, self.score_cache_dir = scorer_model, score_cache_dir
+        if not 0.0 <= onpolicy_lambda <= 1.0:
+            raise ValueError(f"onpolicy_lambda must be in [0, 1], got {onpolicy_lambda}")
+        if onpolicy_lambda > 0 and not onpolicy_examples:
+            raise ValueError(f"onpolicy_lambda={onpolicy_lambda} but no on-policy examples were given")
+        self.onpolicy_raw, self.onpolicy_store, self.onpolicy_lambda = (
+            onpolicy_examples,
+            onpolicy_store,
+            onpolicy_lambda,
+        )
+        self.onpolicy: list[EncodedExample] | None = None
+        self.train_fraction = float(train_fraction)
         self.collator = Collator(tokenizer.pad_token_id, packing=bool(data.get("packing", False)))
-        if store is not None:
-            self.collator = KDCollator(self.collator, store)
+        stores = [st for st in (store, onpolicy_store if onpolicy_lambda > 0 else None) if st is not None]
+        if stores:
+            self.collator = KDCollator(self.collator, stores[0] if len(stores) == 1 else StoreUnion(stores))
         self.datasets: dict[str, list[EncodedExample]] = {}
         self.dropped: dict[str, int] = {}
 
     def encode_split(self, split: str) -> list[EncodedExample]:
         """Load and tokenize one split; examples over ``data.max_length`` tokens are dropped and counted."""
         if split not in self.datasets:
-            examples = load_examples(self.data_cfg, split)
-            max_length = self.data_cfg.get("max_length")
-            encoded = [
-                encode_example(self.tokenizer, ex, style, max_length, system_prompt_for(self.data_cfg, style))
-                for style in self.styles
-                for ex in examples
-            ]
-            self.datasets[split] = [e for e in encoded if e is not None]
-            self.dropped[split] = len(encoded) - len(self.datasets[split])
-            if not self.datasets[split]:
+            raw = load_examples(self.data_cfg, split)
+            if split == "train":
+                raw = subset_by_id(raw, self.train_fraction)
+            encoded, self.dropped[split] = encode_examples(self.tokenizer, self.data_cfg, raw, self.styles)
+            if not encoded:
                 raise ValueError(f"data split {split!r} is empty after tokenization (max_length too small?)")
+            self.datasets[split] = encoded
         return self.datasets[split]
+
+    def encode_onpolicy(self) -> list[EncodedExample]:
+        """The on-policy pool, tokenized like the labels (empty when the stage mixes none in)."""
+        if self.onpolicy is None:
+            if self.onpolicy_lambda == 0:
+                self.onpolicy = []
+            else:
+                self.onpolicy, self.dropped["onpolicy"] = encode_examples(
+                    self.tokenizer, self.data_cfg, self.onpolicy_raw or [], self.styles
+                )
+                if not self.onpolicy:
+                    raise ValueError("the on-policy examples are all empty after tokenization (max_length?)")
+        return self.onpolicy
+
+    def train_examples(self) -> list[EncodedExample]:
+        """The training dataset: the label pool, then the on-policy pool (the samplers index into both)."""
+        return self.encode_split("train") + self.encode_onpolicy()
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             train = self.encode_split("train")
             self.encode_split("val")
-            if self.store is not None:
+            if self.store is not None and self.onpolicy_lambda < 1:
                 self.store.check_compatible(self.tokenizer, train)
+            if self.onpolicy_store is not None and self.onpolicy_lambda > 0:
+                self.onpolicy_store.check_compatible(self.tokenizer, self.encode_onpolicy())
 
-    def make_sampler(self, num_replicas: int = 1, rank: int = 0) -> CurriculumBatchSampler:
-        """The training plan's sampler (the same for the same seed and data); under DDP each rank gets
-        its rows of every global batch."""
-        train = self.encode_split("train")
+    def pool_sampler(self, examples: list[EncodedExample], store, num_replicas: int, rank: int, batch_size: int):
+        """The curriculum plan over one pool of examples."""
         cfg = self.curriculum_cfg
         schedule_kwargs = {k: v for k, v in cfg.items() if k not in ("scorer", "schedule")}
         max_tokens = self.data_cfg.get("max_tokens") if self.data_cfg.get("packing") else None
-        difficulty = [0.0] * len(train)  # a random order ignores difficulty: nothing to score
+        difficulty = [0.0] * len(examples)  # a random order ignores difficulty: nothing to score
         if cfg.schedule != "random":
             collate = Collator(self.tokenizer.pad_token_id)
             difficulty = example_scores(
-                train, cfg, self.scorer_store, model=self.scorer_model, collate=collate, cache_dir=self.score_cache_dir
+                examples, cfg, store, model=self.scorer_model, collate=collate, cache_dir=self.score_cache_dir
             )
         return CurriculumBatchSampler(
             difficulty=difficulty,
-            lengths=[len(e.input_ids) for e in train],
+            lengths=[len(e.input_ids) for e in examples],
             num_batches=self.num_batches,
             schedule=cfg.schedule,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             max_tokens=max_tokens,
             seed=self.seed,
             schedule_kwargs=schedule_kwargs,
             num_replicas=num_replicas,
             rank=rank,
         )
+
+    def make_sampler(self, num_replicas: int = 1, rank: int = 0) -> CurriculumBatchSampler | MixedBatchSampler:
+        """The training plan's sampler (the same for the same seed and data); under DDP each rank gets
+        its rows of every global batch. With on-policy data, each batch mixes the two pools."""
+        train = self.encode_split("train")
+        if self.onpolicy_lambda == 0:
+            return self.pool_sampler(train, self.scorer_store, num_replicas, rank, self.batch_size)
+        global_batch = self.batch_size * num_replicas
+        labels = self.pool_sampler(train, self.scorer_store, 1, 0, global_batch)
+        onpolicy = self.pool_sampler(self.encode_onpolicy(), self.onpolicy_store, 1, 0, global_batch)
+        return MixedBatchSampler(labels, onpolicy, self.onpolicy_lambda, len(train), num_replicas, rank)
 
     def consumed_batches(self) -> int:
         """Training batches the (possibly restored) trainer has already consumed."""
@@ -135,7 +196,7 @@ class PostTrainDataModule(L.LightningDataModule):
         sampler = self.make_sampler(world, rank)
         sampler.start = self.consumed_batches()
         return DataLoader(
-            self.encode_split("train"),
+            self.train_examples(),
             batch_sampler=sampler,
             collate_fn=self.collator,
             num_workers=int(self.data_cfg.get("num_workers", 0)),

@@ -6,6 +6,7 @@ sources plug in here under their own names.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -36,3 +37,15 @@ def load_examples(cfg: DictConfig, split: str) -> list[dict]:
     if cfg.source not in SOURCES:
         raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
     return SOURCES[cfg.source](cfg, split)
+
+
+def subset_by_id(examples: list[dict], fraction: float) -> list[dict]:
+    """The examples whose id hashes below ``fraction``: about that share, the same for every run, and
+    nested (a smaller fraction's subset lies inside a larger one's), so data-scale studies compare like
+    with like."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return examples
+    threshold = int(fraction * 2**32)
+    return [e for e in examples if int(hashlib.sha1(str(e["id"]).encode()).hexdigest()[:8], 16) < threshold]

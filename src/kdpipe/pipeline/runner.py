@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from kdpipe.pipeline.report import rich_table, write_results
+from kdpipe.pipeline.sharing import find_shared, publish_shared
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec, resolve_stages
 from kdpipe.pipeline.stages import STAGE_KINDS, StageContext, write_stage_metrics
 from kdpipe.pipeline.state import PipelineState
@@ -84,8 +85,16 @@ def run_pipeline(cfg: DictConfig) -> dict:
         stage_dir = run_dir / spec.dirname
         stage_dir.mkdir(parents=True, exist_ok=True)
         state.mark_running(spec.index)
-        ctx = StageContext(cfg, spec, run_dir, stage_dir, state.model_path(spec.model), dict(state.stores))
-        metrics, export = STAGE_KINDS[spec.kind](ctx)
+        ctx = StageContext(
+            cfg, spec, run_dir, stage_dir, state.model_path(spec.model), dict(state.stores), dict(state.rollouts)
+        )
+        reused = find_shared(ctx) if spec.config.get("share") else None
+        if reused is not None:
+            metrics, export = reused
+        else:
+            metrics, export = STAGE_KINDS[spec.kind](ctx)
+            if spec.config.get("share") and export is not None:
+                metrics["shared_to"] = str(publish_shared(ctx, metrics, export))
         write_stage_metrics(ctx, metrics)
         state.mark_done(spec.index, metrics, export)
         write_results(state)

@@ -1,6 +1,7 @@
 """Resolve and validate the stage order before any work starts.
 
-``pipeline.stages`` is a library of named stages, ``pipeline.order`` the names to run (repeats allowed).
+``pipeline.stages`` is a library of named stages, ``pipeline.order`` the names to run (repeats allowed),
+then ``pipeline.append`` (stages every order ends with, e.g. an experiment's common evaluations).
 Each named stage is merged over the defaults of its kind (``stage_defaults.<kind>``, from
 ``configs/stage/<kind>.yaml``), and every key it sets must exist in those defaults, so a typo fails here,
 naming the stage and the key, instead of being silently ignored halfway through a run.
@@ -63,7 +64,7 @@ def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
     if pipeline is None or "stages" not in pipeline or "order" not in pipeline:
         raise PipelineConfigError("config needs pipeline.stages (named stages) and pipeline.order (names to run)")
     library = pipeline.stages
-    order = list(pipeline.order)
+    order = list(pipeline.order) + list(pipeline.get("append") or [])  # append: run after any order/preset
     if not order:
         raise PipelineConfigError("pipeline.order is empty: name at least one stage from pipeline.stages")
     models = cfg.get("models") or {}

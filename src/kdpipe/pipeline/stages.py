@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from kdpipe.data.datamodule import PostTrainDataModule
+from kdpipe.data.datamodule import PostTrainDataModule, encode_examples
 from kdpipe.data.encode import system_prompt_for
+from kdpipe.data.rollouts import RolloutSettings, load_rollouts, write_rollouts
 from kdpipe.data.scorers import needs_model, needs_store, scorer_config
 from kdpipe.data.sources import load_examples
 from kdpipe.eval import evaluate_model
@@ -46,7 +47,8 @@ class StageContext:
     run_dir: Path
     stage_dir: Path
     start_from: Path | None  # export of the previous stage of the same model; None: build it fresh
-    stores: dict[str, str] = field(default_factory=dict)  # response style -> latest teacher store
+    stores: dict[str, str] = field(default_factory=dict)  # style (or "<style>:rollouts") -> latest teacher store
+    rollouts: dict[str, str] = field(default_factory=dict)  # style -> latest rollout set of the student
 
     @property
     def settings(self) -> DictConfig:
@@ -58,7 +60,9 @@ class StageContext:
 
     @property
     def seed(self) -> int:
-        return int(self.cfg.seed) + self.spec.index
+        """The stage's seed: ``settings.seed`` when pinned, else the run's seed plus the stage's index."""
+        pinned = self.settings.get("seed")
+        return int(pinned) if pinned is not None else int(self.cfg.seed) + self.spec.index
 
 
 def load_model_and_tokenizer(ctx: StageContext):
@@ -183,11 +187,14 @@ def evaluate_stage(ctx: StageContext, model, tokenizer) -> dict:
     return {**metrics, "eval_split": str(eval_cfg.split)}
 
 
-def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None) -> PostTrainDataModule:
-    """The stage's DataModule; ``model`` is what a ``student_loss`` curriculum scores with."""
+def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None, onpolicy=None) -> PostTrainDataModule:
+    """The stage's DataModule; ``model`` is what a ``student_loss`` curriculum scores with; ``onpolicy`` is
+    ``(rollout records, their store, lambda)`` for a KD stage that mixes in the student's own responses."""
     settings = ctx.settings
     scorer_store = None
-    if store is None and needs_store(settings.curriculum):  # e.g. an SFT stage ordered by teacher_nll
+    if (
+        store is None and onpolicy is None and needs_store(settings.curriculum)
+    ):  # e.g. an SFT stage ordered by teacher_nll
         style = stage_styles(settings)[0]
         if style not in ctx.stores:
             raise PipelineConfigError(
@@ -208,6 +215,8 @@ def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None) -> Pos
         scorer_store=scorer_store,
         scorer_model=model if needs_model(settings.curriculum) else None,
         score_cache_dir=ctx.stage_dir / "scores",
+        train_fraction=float(settings.get("train_fraction", 1.0)),
+        **(dict(zip(("onpolicy_examples", "onpolicy_store", "onpolicy_lambda"), onpolicy)) if onpolicy else {}),
     )
 
 
@@ -265,34 +274,116 @@ def run_sft(ctx: StageContext) -> tuple[dict, Path]:
     return train_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer, model=model))
 
 
-def resolve_store_path(ctx: StageContext) -> Path:
-    """The store a KD stage reads: ``store: auto`` is the latest one scored for its style."""
-    store = ctx.settings.store
+def onpolicy_key(style: str) -> str:
+    """The ``stores`` key of the teacher's signal on the student's rollouts of ``style``."""
+    return f"{style}:rollouts"
+
+
+def resolve_store_path(ctx: StageContext, setting: str = "store", onpolicy: bool = False) -> Path:
+    """The store a KD stage reads: ``auto`` is the latest one scored for its style (on its label sequences,
+    or with ``onpolicy`` on the student's rollouts)."""
+    store = ctx.settings.get(setting)
     if store in (None, "auto"):
         styles = stage_styles(ctx.settings)
         if len(styles) != 1:
             raise PipelineConfigError(f"kd stage {ctx.spec.name!r} needs one style (a store covers one); got {styles}")
         style = styles[0]
-        if style not in ctx.stores:
+        key = onpolicy_key(style) if onpolicy else style
+        if key not in ctx.stores:
+            what = "rollout" if onpolicy else "label"
+            fix = "a `rollout` stage, then a `score` stage with sequences: rollouts," if onpolicy else "a `score` stage"
             raise PipelineConfigError(
-                f"stage {ctx.spec.name!r} (kd, style={style!r}) has no teacher store: put a `score` stage "
-                f"scoring style {style!r} before it, or set pipeline.stages.{ctx.spec.name}.store=<path>"
+                f"stage {ctx.spec.name!r} (kd, style={style!r}) has no teacher store of its {what} sequences: put "
+                f"{fix} scoring style {style!r} before it, or set pipeline.stages.{ctx.spec.name}.{setting}=<path>"
             )
-        return Path(ctx.stores[style])
+        return Path(ctx.stores[key])
     return Path(str(store))
 
 
+def resolve_rollouts(ctx: StageContext, style: str) -> Path:
+    """The latest rollout set of ``style`` (written by an earlier ``rollout`` stage of this run)."""
+    if style not in ctx.rollouts:
+        raise PipelineConfigError(
+            f"stage {ctx.spec.name!r} uses the student's rollouts of style {style!r}, but no `rollout` stage "
+            f"sampled that style earlier in pipeline.order"
+        )
+    return Path(ctx.rollouts[style])
+
+
 def run_kd(ctx: StageContext) -> tuple[dict, Path]:
-    """Distillation from the stored teacher signal (plus CE), then (optionally) evaluation."""
-    store = TeacherStore(resolve_store_path(ctx))
+    """Distillation from the stored teacher signal (plus CE), then (optionally) evaluation.
+
+    ``onpolicy_lambda`` > 0 mixes in the student's own responses (a rollout set scored by the teacher):
+    that share of every batch is on-policy, the rest label-conditioned."""
+    ratio = float(ctx.settings.onpolicy_lambda)
+    if not 0.0 <= ratio <= 1.0:
+        raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.onpolicy_lambda={ratio} must be in [0, 1]")
+    store = TeacherStore(resolve_store_path(ctx)) if ratio < 1 else None
+    onpolicy_store, onpolicy_examples = None, None
+    if ratio > 0:
+        onpolicy_store = TeacherStore(resolve_store_path(ctx, "onpolicy_store", onpolicy=True))
+        onpolicy_examples = load_rollouts(resolve_rollouts(ctx, stage_styles(ctx.settings)[0]))
     model, tokenizer = load_model_and_tokenizer(ctx)
     loss = OmegaConf.to_container(ctx.settings.loss, resolve=True)
     module = KDModule(model, loss=loss, **optimizer_parts(ctx.settings))
-    metrics, export = train_stage(
-        ctx, module, tokenizer, make_datamodule(ctx, tokenizer, store=store, model=module.model)
+    datamodule = make_datamodule(
+        ctx,
+        tokenizer,
+        store=store,
+        model=module.model,
+        onpolicy=(onpolicy_examples, onpolicy_store, ratio) if ratio > 0 else None,
     )
-    metrics["store"] = str(store.path)
+    metrics, export = train_stage(ctx, module, tokenizer, datamodule)
+    metrics["store"] = str(store.path) if store is not None else None
+    if onpolicy_store is not None:
+        metrics.update(onpolicy_store=str(onpolicy_store.path), onpolicy_examples=len(datamodule.encode_onpolicy()))
     return metrics, export
+
+
+def run_rollout(ctx: StageContext) -> tuple[dict, None]:
+    """The current model samples ``n_samples`` responses per prompt into ``<stage>/rollouts`` (resumable)."""
+    settings = ctx.settings
+    style = str(settings.style)
+    model, tokenizer = load_model_and_tokenizer(ctx)
+    device = torch.device("cuda" if torch.cuda.is_available() and ctx.cfg.trainer.accelerator != "cpu" else "cpu")
+    model.to(device)
+    prompts = load_examples(ctx.cfg.data, str(settings.split))
+    if settings.get("limit"):
+        prompts = prompts[: int(settings.limit)]
+    rollout_settings = RolloutSettings(
+        style=style,
+        n_samples=int(settings.n_samples),
+        temperature=float(settings.temperature),
+        top_p=float(settings.top_p),
+        max_new_tokens=int(settings.max_new_tokens),
+        batch_size=int(settings.batch_size),
+        part_size=int(settings.part_size),
+        seed=ctx.seed,
+        drop_truncated=bool(settings.filters.drop_truncated),
+        only_correct=bool(settings.filters.only_correct),
+    )
+    root = ctx.stage_dir / "rollouts"
+    started = time.perf_counter()
+    console.print(f"sampling {rollout_settings.n_samples} x {len(prompts)} responses into {root}")
+    manifest = write_rollouts(
+        root,
+        model,
+        tokenizer,
+        prompts,
+        rollout_settings,
+        system_prompt=system_prompt_for(ctx.cfg.data, style),
+        info={"model": model_fingerprint(model), "split": str(settings.split)},
+    )
+    samples = max(int(manifest["samples"]), 1)
+    return {
+        "rollouts": {style: str(root.resolve())},
+        "prompts": manifest["prompts"],
+        "samples": manifest["samples"],
+        "kept": manifest["kept"],
+        "truncated_fraction": manifest["truncated"] / samples,
+        "sample_accuracy": 1 - manifest["incorrect"] / samples,
+        "seconds": time.perf_counter() - started,
+    }, None
 
 
 def run_score(ctx: StageContext) -> tuple[dict, None]:
@@ -305,20 +396,28 @@ def run_score(ctx: StageContext) -> tuple[dict, None]:
     if not 1 <= k <= len(tokenizer):
         raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.k={k} must be in [1, vocab size {len(tokenizer)}]")
     teacher_fp, tokenizer_fp = model_fingerprint(model), tokenizer_fingerprint(tokenizer)
+    sequences = str(settings.sequences)
+    if sequences not in ("labels", "rollouts"):
+        raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.sequences={sequences!r}: labels | rollouts")
     metrics: dict = {"stores": {}}
     for style in settings.styles:
         style = str(style)
-        dm = PostTrainDataModule(tokenizer, ctx.cfg.data, style, ctx.cfg.curriculum, 1, 1)
-        examples = dm.encode_split(str(settings.split))
+        if sequences == "rollouts":  # the student's own responses: on-policy distillation
+            raw, split = load_rollouts(resolve_rollouts(ctx, style)), "rollouts"
+        else:
+            raw, split = load_examples(ctx.cfg.data, str(settings.split)), str(settings.split)
+        examples, _ = encode_examples(tokenizer, ctx.cfg.data, raw, [style])
+        if not examples:
+            raise PipelineConfigError(f"stage {ctx.spec.name!r}: nothing to score for style {style!r} ({sequences})")
         meta = {
             "teacher": teacher_fp,
             "tokenizer": tokenizer_fp,
-            "data": {**data_fingerprint(examples), "split": str(settings.split), "style": style},
+            "data": {**data_fingerprint(examples), "split": split, "style": style},
             "k": k,
             "temperature": temperature,
         }
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-        path = Path(str(settings.store_root)).expanduser().resolve() / f"{style}-{settings.split}-k{k}-{key}"
+        path = Path(str(settings.store_root)).expanduser().resolve() / f"{style}-{split}-k{k}-{key}"
         started = time.perf_counter()
         reused = (path / MANIFEST).exists()
         if reused:
@@ -329,8 +428,9 @@ def run_score(ctx: StageContext) -> tuple[dict, None]:
         store.check_compatible(tokenizer, examples)
         nbytes = sum((path / sh["file"]).stat().st_size for sh in store.manifest["shards"])
         rows = int(store.manifest["total_rows"])
-        metrics["stores"][style] = str(path)
-        metrics[f"{style}_store"] = {
+        store_key = onpolicy_key(style) if sequences == "rollouts" else style
+        metrics["stores"][store_key] = str(path)
+        metrics[f"{style}_{'rollout_' if sequences == 'rollouts' else ''}store"] = {
             "path": str(path),
             "reused": reused,
             "examples": len(examples),
@@ -382,6 +482,7 @@ STAGE_KINDS: dict[str, Callable[[StageContext], tuple[dict, Path | None]]] = {
     "eval": run_eval,
     "score": run_score,
     "kd": run_kd,
+    "rollout": run_rollout,
 }
 
 

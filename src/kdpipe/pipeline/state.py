@@ -36,6 +36,7 @@ class PipelineState:
     stages: list[StageRecord]
     model_paths: dict[str, str | None]
     stores: dict[str, str] = field(default_factory=dict)  # response style -> latest teacher store (absolute)
+    rollouts: dict[str, str] = field(default_factory=dict)  # response style -> latest rollout set (absolute)
     version: int = STATE_VERSION
 
     @classmethod
@@ -57,6 +58,7 @@ class PipelineState:
             stages=[StageRecord(**s) for s in raw["stages"]],
             model_paths=raw["model_paths"],
             stores=raw.get("stores", {}),
+            rollouts=raw.get("rollouts", {}),
         )
         saved = [s.name for s in state.stages]
         wanted = [s.name for s in specs]
@@ -83,8 +85,10 @@ class PipelineState:
     def mark_done(self, index: int, metrics: dict, export: Path | None) -> None:
         record = self.stages[index]
         record.status, record.metrics, record.finished_at = "done", metrics, time.time()
-        if export is not None:
-            record.export = str(export.relative_to(self.run_dir))
+        if export is not None:  # relative inside the run (it can move); absolute for a shared stage's export
+            export = Path(export)
+            record.export = str(export.relative_to(self.run_dir) if export.is_relative_to(self.run_dir) else export)
             self.model_paths[record.model] = record.export
         self.stores.update(metrics.get("stores", {}))
+        self.rollouts.update(metrics.get("rollouts", {}))
         self.save()

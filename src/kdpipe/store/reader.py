@@ -154,3 +154,45 @@ class TeacherStore:
                 f"teacher store {self.path}: {len(changed)} examples were tokenized differently when scored "
                 f"(e.g. {changed[:3]}): the data, its response style or max_length changed"
             )
+
+
+class StoreUnion:
+    """Several stores read as one (e.g. label-conditioned and on-policy signals of one KD stage).
+
+    Every example id is looked up in the store that holds it; rows come back in the order asked for. The
+    stores must share their codec (same vocabulary and k), so their rows decode into one batch.
+    """
+
+    def __init__(self, stores: list[TeacherStore]) -> None:
+        if not stores:
+            raise StoreError("a store union needs at least one store")
+        first = stores[0]
+        for store in stores[1:]:
+            if store.spec != first.spec:
+                raise StoreError(
+                    f"teacher stores {first.path} and {store.path} were encoded differently "
+                    f"(k={first.k} vs k={store.k}, or another vocabulary): they cannot be mixed in one batch"
+                )
+        self.stores, self.spec = list(stores), first.spec
+
+    @property
+    def k(self) -> int:
+        return self.stores[0].k
+
+    def _owner(self, example_id: str) -> TeacherStore:
+        for store in self.stores:
+            if example_id in store:
+                return store
+        raise StoreError(f"no teacher store of {[str(s.path) for s in self.stores]} has example {example_id!r}")
+
+    def __contains__(self, example_id: str) -> bool:
+        return any(example_id in store for store in self.stores)
+
+    def get(self, example_id: str) -> TeacherRows:
+        return self._owner(example_id).get(example_id)
+
+    def get_many(self, example_ids: list[str]) -> tuple[TeacherRows, list[int]]:
+        parts = [self._owner(example_id).encoded_rows(example_id) for example_id in example_ids]
+        counts = [len(next(iter(p.values()))) for p in parts]
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return TeacherRows(*codec.decode(self.spec, arrays)), counts

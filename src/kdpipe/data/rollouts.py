@@ -1,0 +1,171 @@
+"""Rollouts: the current student's own responses, sampled offline, as a dataset a teacher can score.
+
+A rollout dataset is a folder::
+
+    part-00000.jsonl   # one record per sampled response, for prompts [0, chunk) of the split
+    part-00001.jsonl   # ... each part written atomically: the unit of resume
+    manifest.json      # written last: settings, counts, the filters; its presence marks the set complete
+
+Each record is an example dict like the source's (``prompt``, ``level``, ``answer``, ``responses``), with
+``id = "<prompt id>#s<j>"`` (sample j of that prompt), ``prompt_id``, ``sample``, ``finished`` (ended its
+turn) and ``correct`` (the task's check, when it has one). Parts keep every sample; the filters are applied
+when the set is loaded, so the manifest's counts say what was dropped and why.
+
+Sampling is seeded per part, so a resumed rollout reproduces the parts an uninterrupted one would write.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdpipe.data.encode import prompt_messages
+from kdpipe.eval.generate import generate_responses
+from kdpipe.eval.metrics import is_correct
+from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json
+
+MANIFEST = "manifest.json"
+ROLLOUT_VERSION = 1
+
+
+def rollout_id(prompt_id: str, sample: int) -> str:
+    """The id of sample ``sample`` of prompt ``prompt_id`` (stable: resumes and stores key on it)."""
+    return f"{prompt_id}#s{sample}"
+
+
+def prompt_id_of(example_id: str) -> str:
+    """The prompt an id of :func:`rollout_id` came from."""
+    return example_id.rsplit("#s", 1)[0]
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How to sample: responses per prompt, sampling knobs, and how many prompts make one part."""
+
+    style: str
+    n_samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    batch_size: int = 128
+    part_size: int = 512
+    seed: int = 0
+    drop_truncated: bool = True
+    only_correct: bool = False
+
+
+def part_path(root: Path, index: int) -> Path:
+    return root / f"part-{index:05d}.jsonl"
+
+
+def sample_part(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[dict],
+    settings: RolloutSettings,
+    part_index: int,
+    system_prompt: str | None,
+) -> list[dict]:
+    """The records of one part: ``n_samples`` responses to each prompt, sampled with the part's seed."""
+    conversations = [prompt_messages(ex, system_prompt) for ex in prompts for _ in range(settings.n_samples)]
+    torch.manual_seed(settings.seed * 1_000_003 + part_index)  # per part: a resumed part samples the same
+    greedy = settings.temperature == 0
+    generations = generate_responses(
+        model,
+        tokenizer,
+        conversations,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=not greedy,
+        temperature=settings.temperature if not greedy else 1.0,
+        top_p=settings.top_p,
+        description=f"rollout part {part_index}",
+    )
+    records = []
+    for i, generation in enumerate(generations):
+        prompt, sample = prompts[i // settings.n_samples], i % settings.n_samples
+        record = {k: v for k, v in prompt.items() if k not in ("id", "responses")}
+        record.update(
+            id=rollout_id(prompt["id"], sample),
+            prompt_id=prompt["id"],
+            sample=sample,
+            responses={settings.style: generation.text},
+            num_tokens=generation.num_tokens,
+            finished=generation.finished,
+            correct=is_correct(prompt, generation.text) if prompt.get("answer") is not None else None,
+        )
+        records.append(record)
+    return records
+
+
+def write_rollouts(
+    root: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[dict],
+    settings: RolloutSettings,
+    system_prompt: str | None = None,
+    info: dict | None = None,
+) -> dict:
+    """Sample every part not yet on disk, then write the manifest; returns the manifest.
+
+    An existing complete set (manifest present) is left as it is; so are the parts an interrupted call
+    already wrote. ``info`` (e.g. the student's fingerprint) is recorded in the manifest.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / MANIFEST).exists():
+        return read_json(root / MANIFEST)
+    num_parts = -(-len(prompts) // settings.part_size)
+    for index in range(num_parts):
+        path = part_path(root, index)
+        if path.exists():
+            continue
+        chunk = prompts[index * settings.part_size : (index + 1) * settings.part_size]
+        records = sample_part(model, tokenizer, chunk, settings, index, system_prompt)
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    records = [r for index in range(num_parts) for r in read_part(part_path(root, index))]
+    manifest = {
+        "version": ROLLOUT_VERSION,
+        "settings": settings.__dict__,
+        "parts": num_parts,
+        "prompts": len(prompts),
+        "samples": len(records),
+        "truncated": sum(not r["finished"] for r in records),
+        "incorrect": sum(r["correct"] is False for r in records),
+        "kept": len(apply_filters(records, settings.drop_truncated, settings.only_correct)),
+        **(info or {}),
+    }
+    atomic_write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def read_part(path: Path) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not a JSON record ({err.msg})") from err
+    return records
+
+
+def apply_filters(records: list[dict], drop_truncated: bool, only_correct: bool) -> list[dict]:
+    """Drop responses cut off by the token limit and/or those the task checks as wrong."""
+    kept = [r for r in records if r["finished"] or not drop_truncated]
+    return [r for r in kept if r["correct"] is not False or not only_correct]
+
+
+def load_rollouts(root: str | Path) -> list[dict]:
+    """The kept records of a complete rollout set (the filters its manifest recorded)."""
+    root = Path(root)
+    if not (root / MANIFEST).exists():
+        raise FileNotFoundError(f"{root} is not a complete rollout set (no {MANIFEST}; was its stage interrupted?)")
+    manifest = read_json(root / MANIFEST)
+    records = [r for index in range(int(manifest["parts"])) for r in read_part(part_path(root, index))]
+    settings = manifest["settings"]
+    return apply_filters(records, bool(settings["drop_truncated"]), bool(settings["only_correct"]))

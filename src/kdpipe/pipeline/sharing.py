@@ -1,0 +1,78 @@
+"""Stages shared between runs (``share: true``): train once, reuse everywhere the inputs are the same.
+
+The typical case is the teacher of a sweep: every job trains the same teacher on the same data with the same
+(pinned) seed, so the first job trains it and the others reuse its export. A shared stage's identity is a
+hash of everything that determines its result: the stage's settings, the model and data configs, the trainer
+settings, its seed, and the weights it starts from. Results live in ``<log_dir>/shared/<stage>-<hash>/``
+(``export/`` and ``metrics.json``), published atomically once the stage has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from kdpipe.utils.io import atomic_replace_dir, atomic_write_json, read_json
+
+console = Console()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def shared_identity(ctx) -> dict:
+    """What determines a stage's result (``ctx``: a :class:`~kdpipe.pipeline.stages.StageContext`)."""
+    return {
+        "stage": OmegaConf.to_container(ctx.settings, resolve=True),  # eval settings too: metrics are reused
+        "model": OmegaConf.to_container(ctx.model_cfg, resolve=True),
+        "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
+        "trainer": OmegaConf.to_container(ctx.cfg.trainer, resolve=True),
+        "seed": ctx.seed,
+        "starts_from": _file_digest(ctx.start_from) if ctx.start_from is not None else None,
+        "stores": {k: Path(v).name for k, v in sorted(ctx.stores.items())},  # store names embed their hashes
+    }
+
+
+def shared_dir(ctx) -> Path:
+    """Where the shared result of this stage lives (whether or not it exists yet)."""
+    identity = json.dumps(shared_identity(ctx), sort_keys=True, default=str)
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return Path(str(ctx.cfg.paths.log_dir)).expanduser().resolve() / "shared" / f"{ctx.spec.name}-{key}"
+
+
+def find_shared(ctx) -> tuple[dict, Path] | None:
+    """The (metrics, export) of a finished shared stage with the same identity, or None."""
+    root = shared_dir(ctx)
+    if not (root / "metrics.json").exists() or not (root / "export").is_dir():
+        return None
+    metrics = read_json(root / "metrics.json")
+    console.print(f"[green]stage {ctx.spec.dirname}: reusing the shared result in {root}")
+    return {**metrics, "shared_from": str(root)}, root / "export"
+
+
+def publish_shared(ctx, metrics: dict, export: Path) -> Path:
+    """Copy a finished stage's export and metrics into its shared folder (atomically: all or nothing)."""
+    root = shared_dir(ctx)
+    tmp = root.with_name(f".{root.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(export, tmp / "export")
+    atomic_write_json(tmp / "metrics.json", metrics)
+    atomic_write_json(tmp / "identity.json", shared_identity(ctx))
+    if root.exists():  # another job published first: theirs is equivalent
+        shutil.rmtree(tmp)
+    else:
+        atomic_replace_dir(tmp, root)
+    return root

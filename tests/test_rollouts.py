@@ -1,0 +1,153 @@
+"""On-policy data: rollout sets (ids, resume, filters), mixing label and on-policy pools, store unions."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+
+from kdpipe.data.arith import generate_split
+from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler, _stream
+from kdpipe.data.rollouts import (
+    MANIFEST,
+    RolloutSettings,
+    apply_filters,
+    load_rollouts,
+    part_path,
+    prompt_id_of,
+    write_rollouts,
+)
+from kdpipe.data.sources import subset_by_id
+from tests.test_curriculum import _tiny_lm
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return generate_split("val", 3, seed=0)  # 15 prompts over 5 levels
+
+
+def test_rollout_ids_link_each_response_to_its_prompt(tokenizer, prompts, tmp_path, one_thread):
+    settings = RolloutSettings(style="reasoning", n_samples=3, max_new_tokens=12, part_size=4, seed=7,
+                               drop_truncated=False)  # fmt: skip
+    manifest = write_rollouts(tmp_path, _tiny_lm(tokenizer), tokenizer, prompts, settings)
+    records = load_rollouts(tmp_path)
+    assert manifest["samples"] == len(records) == 3 * len(prompts)
+    assert manifest["parts"] == 4  # ceil(15 / 4)
+    by_id = {p["id"]: p for p in prompts}
+    assert len({r["id"] for r in records}) == len(records)  # ids are unique
+    for r in records:
+        prompt = by_id[r["prompt_id"]]
+        assert prompt_id_of(r["id"]) == r["prompt_id"]
+        assert r["prompt"] == prompt["prompt"] and r["level"] == prompt["level"] and r["answer"] == prompt["answer"]
+        assert set(r["responses"]) == {"reasoning"} and 0 <= r["sample"] < 3
+    # sampling is not greedy: the samples of one prompt differ (untrained model, T=1)
+    assert len({r["responses"]["reasoning"] for r in records if r["prompt_id"] == prompts[0]["id"]}) > 1
+
+
+def test_a_resumed_rollout_writes_the_same_dataset(tokenizer, prompts, tmp_path, one_thread):
+    settings = RolloutSettings(style="fast", n_samples=2, max_new_tokens=10, part_size=4, seed=3,
+                               drop_truncated=False)  # fmt: skip
+    model = _tiny_lm(tokenizer)
+    write_rollouts(tmp_path / "full", model, tokenizer, prompts, settings)
+    # an interrupted run: two parts on disk, no manifest; the resumed run samples only what is missing
+    (tmp_path / "cut").mkdir()
+    for index in range(2):
+        shutil.copy(part_path(tmp_path / "full", index), part_path(tmp_path / "cut", index))
+    kept_mtime = part_path(tmp_path / "cut", 0).stat().st_mtime_ns
+    torch.manual_seed(12345)  # whatever the global RNG was, each part reseeds itself
+    write_rollouts(tmp_path / "cut", model, tokenizer, prompts, settings)
+    assert part_path(tmp_path / "cut", 0).stat().st_mtime_ns == kept_mtime
+    for index in range(4):
+        assert part_path(tmp_path / "cut", index).read_bytes() == part_path(tmp_path / "full", index).read_bytes()
+    assert load_rollouts(tmp_path / "cut") == load_rollouts(tmp_path / "full")
+
+
+def test_filters_and_incomplete_sets(tmp_path):
+    records = [
+        {"id": "a#s0", "finished": True, "correct": True},
+        {"id": "a#s1", "finished": False, "correct": False},
+        {"id": "b#s0", "finished": True, "correct": False},
+        {"id": "c#s0", "finished": True, "correct": None},  # a task that cannot check answers
+    ]
+    assert [r["id"] for r in apply_filters(records, True, False)] == ["a#s0", "b#s0", "c#s0"]
+    assert [r["id"] for r in apply_filters(records, True, True)] == ["a#s0", "c#s0"]
+    assert len(apply_filters(records, False, False)) == 4
+    part_path(tmp_path, 0).write_text('{"id": "a#s0"}\n')
+    with pytest.raises(FileNotFoundError, match=f"no {MANIFEST}"):
+        load_rollouts(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"parts": 1, "settings": {"drop_truncated": 0, "only_correct": 0}}))
+    part_path(tmp_path, 0).write_text('{"id": "a#s0", "finished": true, "correct": null}\nnot json\n')
+    with pytest.raises(ValueError, match=r"part-00000\.jsonl, line 2"):
+        load_rollouts(tmp_path)
+
+
+def _pool(n: int, batch: int, num_batches: int, seed: int = 0) -> CurriculumBatchSampler:
+    return CurriculumBatchSampler([float(i % 5) for i in range(n)], [10] * n, num_batches, "sorted", batch, seed=seed)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.3, 0.5, 1.0])
+def test_lambda_mixing_gives_the_requested_share_in_every_prefix(ratio):
+    labels, onpolicy, batch, steps = 50, 30, 8, 40
+    mixed = MixedBatchSampler(_pool(labels, batch, steps), _pool(onpolicy, batch, steps), ratio, offset=labels)
+    plan = list(mixed)
+    assert len(plan) == len(mixed) == steps and all(len(b) == batch for b in plan)
+    taken = 0
+    for t, b in enumerate(plan, 1):
+        taken += sum(i >= labels for i in b)
+        assert abs(taken - ratio * batch * t) <= 1  # the share holds at every step, up to one example
+    assert taken == round(ratio * batch * steps)
+    assert all(0 <= i < labels + onpolicy for b in plan for i in b)
+    # each pool is read in its own curriculum order (sorted: easy first); rows are shuffled within a batch
+    stream = list(itertools.islice(_stream(_pool(onpolicy, batch, steps)), batch * steps))
+    used = 0
+    for b in plan:
+        mine = sorted(i - labels for i in b if i >= labels)
+        assert mine == sorted(stream[used : used + len(mine)])
+        used += len(mine)
+
+
+def test_mixed_batches_split_across_ranks_disjoint_and_covering():
+    full = MixedBatchSampler(_pool(50, 8, 10), _pool(30, 8, 10), 0.5, offset=50)
+    parts = [MixedBatchSampler(_pool(50, 8, 10), _pool(30, 8, 10), 0.5, 50, num_replicas=2, rank=r) for r in (0, 1)]
+    for t, global_batch in enumerate(full.global_plan):
+        a, b = parts[0].plan[t], parts[1].plan[t]
+        assert sorted(a + b) == sorted(global_batch) and len(a) == len(b) == 4
+    with pytest.raises(ValueError, match=r"lambda\) must be in \[0, 1\]"):
+        MixedBatchSampler(_pool(5, 2, 2), _pool(5, 2, 2), 1.5, offset=5)
+
+
+def test_train_fraction_subsets_are_nested_and_about_the_right_size():
+    examples = generate_split("train", 200, seed=0)
+    small, large = subset_by_id(examples, 0.1), subset_by_id(examples, 0.5)
+    assert {e["id"] for e in small} <= {e["id"] for e in large}
+    assert abs(len(small) / len(examples) - 0.1) < 0.03 and abs(len(large) / len(examples) - 0.5) < 0.05
+    assert subset_by_id(examples, 1.0) == examples
+    with pytest.raises(ValueError, match="train_fraction"):
+        subset_by_id(examples, 0.0)
+
+
+def test_store_union_reads_each_id_from_its_store_and_refuses_mixed_codecs(tokenizer, tmp_path):
+    from kdpipe.store.reader import StoreError, StoreUnion, TeacherStore
+    from tests.test_store import encoded, write_store
+
+    examples = encoded(tokenizer)
+    write_store(tmp_path / "a", tokenizer, examples[:6])
+    write_store(tmp_path / "b", tokenizer, examples[6:])
+    a, b = TeacherStore(tmp_path / "a"), TeacherStore(tmp_path / "b")
+    union = StoreUnion([a, b])
+    ids = [examples[7].id, examples[0].id, examples[9].id]
+    rows, counts = union.get_many(ids)
+    expected = [b.get(ids[0]), a.get(ids[1]), b.get(ids[2])]
+    assert counts == [len(e.topk_ids) for e in expected]
+    torch.testing.assert_close(rows.topk_logprobs, torch.cat([e.topk_logprobs for e in expected]))
+    with pytest.raises(StoreError, match="no teacher store"):
+        union.get("missing")
+
+    class OtherK:
+        spec, k, path = None, 3, tmp_path / "other"
+
+    with pytest.raises(StoreError, match="encoded differently"):
+        StoreUnion([a, OtherK()])
