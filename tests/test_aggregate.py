@@ -48,6 +48,23 @@ def test_jobs_are_grouped_by_what_varies_and_summarised_over_seeds(tmp_path):
     assert [g["group"] for g in by_seed["groups"]] == ["seed=1", "seed=2", "seed=3"]
 
 
+def test_a_numeric_override_is_plotted_as_lines(tmp_path):
+    for num, (method, fraction, seed) in enumerate(
+        (m, f, s) for m in ("sft_r", "kd_r") for f in ("0.1", "1.0") for s in (1, 2)
+    ):
+        acc = float(fraction) / 2 + (0.2 if method == "kd_r" else 0.0) + 0.01 * seed
+        fake_job(tmp_path, num, [f"pipeline/preset={method}", f"data_fraction={fraction}", f"seed={seed}"], acc, {})
+    summary = aggregate(tmp_path, x_key="data_fraction")
+    assert len(summary["groups"]) == 4
+    kd_small = next(
+        g for g in summary["groups"] if g["overrides"] == {"data_fraction": "0.1", "pipeline/preset": "kd_r"}
+    )
+    assert kd_small["accuracy"]["mean"] == pytest.approx(0.05 + 0.2 + 0.015)
+    assert (tmp_path / "summary.png").stat().st_size > 0
+    with pytest.raises(KeyError, match="--x seed"):
+        aggregate(tmp_path, x_key="seed")
+
+
 def test_aggregate_errors_name_the_folder_and_stage(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err

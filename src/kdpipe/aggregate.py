@@ -2,6 +2,7 @@
 
 kdpipe-aggregate logs/multiruns/2026-11-23_13-42-46              # group by what the sweep varied, over seeds
 kdpipe-aggregate logs/multiruns/<dir> --over seed --stage sft_reasoning
+kdpipe-aggregate logs/multiruns/<dir> --x data_fraction                # accuracy against a numeric override
 
 Every job folder's ``results.json`` is read; jobs are grouped by the overrides that differ between jobs,
 leaving out the ``--over`` keys (default: ``seed``), which become the repeats. For one stage (default: the
@@ -109,6 +110,7 @@ def summarize(groups: dict[str, list[Job]], stage: str | None = None) -> dict:
         rows.append(
             {
                 "group": label,
+                "overrides": dict(item.split("=", 1) for item in label.split(" ") if "=" in item),
                 "jobs": [job.dir.name for job in jobs],
                 "accuracy": _mean_std([float(m["accuracy"]) for m in metrics]),
                 "accuracy_by_level": {
@@ -187,8 +189,47 @@ def plot_summary(summary: dict, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def aggregate(sweep_dir: Path, over: tuple[str, ...] = ("seed",), stage: str | None = None) -> dict:
-    """Summarise the multirun in ``sweep_dir``; writes ``summary.{json,md,png}`` there and returns it."""
+def plot_lines(summary: dict, x_key: str, path: Path, title: str) -> None:
+    """Accuracy (mean ± std) against a numeric override ``x_key``, one line per value of the other keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, dict]]] = {}
+    for g in summary["groups"]:
+        if x_key not in g["overrides"]:
+            raise KeyError(f"--x {x_key}: group {g['group']!r} does not vary it (keys: {sorted(g['overrides'])})")
+        rest = " ".join(f"{k}={v}" for k, v in g["overrides"].items() if k != x_key) or "all"
+        series.setdefault(rest, []).append((float(g["overrides"][x_key]), g["accuracy"]))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in series.items():
+        points.sort(key=lambda p: p[0])
+        xs = [p[0] for p in points]
+        ax.errorbar(xs, [100 * p[1]["mean"] for p in points], yerr=[100 * p[1]["std"] for p in points],
+                    marker="o", capsize=3, label=name)  # fmt: skip
+    if all(p[0] > 0 for pts in series.values() for p in pts):
+        ax.set_xscale("log")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("exact match (%), mean ± std")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def aggregate(
+    sweep_dir: Path, over: tuple[str, ...] = ("seed",), stage: str | None = None, x_key: str | None = None
+) -> dict:
+    """Summarise the multirun in ``sweep_dir``; writes ``summary.{json,md,png}`` there and returns it.
+
+    With ``x_key`` (a numeric override such as ``data_fraction``) the plot is accuracy against it, one line
+    per value of the other varying overrides; otherwise grouped bars per level."""
     jobs, unfinished = load_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no job folder has a results.json (is the sweep still running?)")
@@ -196,8 +237,11 @@ def aggregate(sweep_dir: Path, over: tuple[str, ...] = ("seed",), stage: str | N
     summary.update(sweep_dir=str(sweep_dir), over=list(over), unfinished=[p.name for p in unfinished])
     atomic_write_json(sweep_dir / "summary.json", summary)
     atomic_write_text(sweep_dir / "summary.md", markdown_summary(summary))
-    label = stage or "last evaluated stage"
-    plot_summary(summary, sweep_dir / "summary.png", f"{sweep_dir.name}: {label}, over {', '.join(over)}")
+    title = f"{sweep_dir.name}: {stage or 'last evaluated stage'}, over {', '.join(over)}"
+    if x_key is not None:
+        plot_lines(summary, x_key, sweep_dir / "summary.png", title)
+    else:
+        plot_summary(summary, sweep_dir / "summary.png", title)
     return summary
 
 
@@ -206,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun folder (logs/multiruns/<date_time>)")
     parser.add_argument("--over", nargs="+", default=["seed"], help="override keys that are repeats (default: seed)")
     parser.add_argument("--stage", default=None, help="stage to summarise (default: the last evaluated one)")
+    parser.add_argument("--x", default=None, help="plot accuracy against this numeric override (e.g. data_fraction)")
     args = parser.parse_args(argv)
     try:
-        summary = aggregate(args.sweep_dir, tuple(args.over), args.stage)
+        summary = aggregate(args.sweep_dir, tuple(args.over), args.stage, args.x)
     except (FileNotFoundError, KeyError) as err:
         print(f"kdpipe-aggregate: {err}", file=sys.stderr)
         return 2
