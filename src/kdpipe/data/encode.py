@@ -3,6 +3,9 @@
 Labels are stored *already shifted*: ``labels[t]`` is the token the model should predict at position ``t``
 (``input_ids[t + 1]`` on an assistant token, ``ignore_index`` elsewhere). Shifting per example, before any
 padding or packing, keeps packed rows correct and lets a teacher store align with label positions directly.
+
+Examples longer than ``max_length`` tokens are dropped (``overlong="drop"``) or cut to their first
+``max_length`` tokens (``overlong="truncate"``; dropped all the same when no label token survives the cut).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+OVERLONG = ("drop", "truncate")
 
 
 @dataclass
@@ -21,8 +25,9 @@ class EncodedExample:
     id: str
     input_ids: list[int]
     labels: list[int]
-    level: int | None = None
+    level: int | float | None = None
     style: str | None = None
+    truncated: bool = False  # cut to ``max_length`` tokens (``overlong="truncate"``)
 
     @property
     def num_label_tokens(self) -> int:
@@ -50,13 +55,17 @@ def prompt_messages(example: dict, system_prompt: str | None = None) -> list[dic
 
 
 def to_messages(example: dict, style: str, system_prompt: str | None = None) -> list[dict]:
-    """The chat messages of an example for one response style."""
+    """The chat messages of an example for one response style.
+
+    A ``responses[style]`` answers the prompt (for a chat example, e.g. a rollout of one: the conversation
+    up to its last assistant turn); otherwise a chat example's ``messages`` serve every style as they are.
+    """
+    responses = example.get("responses") or {}
+    if style in responses:
+        return [*prompt_messages(example, system_prompt), {"role": "assistant", "content": responses[style]}]
     if "messages" in example:
         return example["messages"]
-    responses = example.get("responses") or {}
-    if style not in responses:
-        raise KeyError(f"example {example.get('id')!r} has no {style!r} response (has {sorted(responses)})")
-    return [*prompt_messages(example, system_prompt), {"role": "assistant", "content": responses[style]}]
+    raise KeyError(f"example {example.get('id')!r} has no {style!r} response (has {sorted(responses)})")
 
 
 def assistant_mask(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -86,11 +95,26 @@ def encode_example(
     style: str,
     max_length: int | None = None,
     system_prompt: str | None = None,
+    overlong: str = "drop",
 ) -> EncodedExample | None:
-    """Tokenize one example; returns None when it is longer than ``max_length`` tokens."""
+    """Tokenize one example. Longer than ``max_length`` tokens: None (``overlong="drop"``), or its first
+    ``max_length`` tokens (``overlong="truncate"``), None if no label token is left."""
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong={overlong!r}: choose one of {list(OVERLONG)}")
     ids, mask = assistant_mask(tokenizer, to_messages(example, style, system_prompt))
-    if max_length is not None and len(ids) > max_length:
-        return None
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        if overlong == "drop":
+            return None
+        ids, mask = ids[:max_length], mask[:max_length]
     # position t predicts token t+1; it is a label when token t+1 is an assistant token
     labels = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
-    return EncodedExample(id=str(example["id"]), input_ids=ids, labels=labels, level=example.get("level"), style=style)
+    encoded = EncodedExample(
+        id=str(example["id"]),
+        input_ids=ids,
+        labels=labels,
+        level=example.get("level"),
+        style=style,
+        truncated=truncated,
+    )
+    return None if truncated and encoded.num_label_tokens == 0 else encoded

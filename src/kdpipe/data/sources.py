@@ -1,18 +1,43 @@
 """Where examples come from. Every source yields the same example dicts (see :mod:`kdpipe.data.arith`).
 
-Sources are named by ``data.source``: ``arith`` (the built-in task) today; file and Hugging Face dataset
-sources plug in here under their own names.
+Sources are named by ``data.source``:
+
+- ``arith``: the built-in task, generated from a seed;
+- ``jsonl`` / ``parquet``: one file per split, ``data.files.<split>``;
+- ``hf_disk``: ``datasets.load_from_disk``, either ``data.path`` (a saved ``DatasetDict``, its split for each
+  kdpipe split in ``data.splits``) or one saved dataset per split in ``data.files``;
+- ``hf_hub``: ``datasets.load_dataset(data.path, data.name, split=data.splits.<split>, **data.load_kwargs)``
+  (a hub dataset, or a packaged builder such as ``json`` with ``load_kwargs.data_files``).
+
+Records of the file and dataset sources are validated and turned into examples by :mod:`kdpipe.data.records`
+(``data.fields``, ``data.styles``, ``data.on_error``, ...). Parsed splits are cached per process, keyed by the
+config and the files' size and modification time, so the stages of one run read each file once.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data import arith
+from kdpipe.data.records import ParsedRecords, RecordError, RecordSpec, check_parsed, parse_records
+
+CACHE_SIZE = 16
+
+
+@dataclass(frozen=True)
+class LoadedSplit:
+    """One split's examples and how many invalid records were dropped (``data.on_error=skip``)."""
+
+    examples: list[dict]
+    skipped_invalid: int = 0
 
 
 @lru_cache(maxsize=16)
@@ -20,23 +45,183 @@ def _arith_split(split: str, n_per_level: int, seed: int, levels: tuple[int, ...
     return tuple(arith.generate_split(split, n_per_level, seed=seed, levels=list(levels), max_value=max_value))
 
 
-def load_arith(cfg: DictConfig, split: str) -> list[dict]:
+def load_arith(cfg: DictConfig, split: str) -> LoadedSplit:
     """The built-in arithmetic task; sizes per level come from ``cfg.n_<split>_per_level``."""
     key = f"n_{split}_per_level"
     if key not in cfg:
         raise KeyError(f"data config has no {key!r}")
     examples = _arith_split(split, int(cfg[key]), int(cfg.seed), tuple(cfg.levels), int(cfg.max_value))
-    return [dict(e) for e in examples]  # shallow copies: callers may annotate them
+    return LoadedSplit(list(examples))
 
 
-SOURCES: dict[str, Callable[[DictConfig, str], list[dict]]] = {"arith": load_arith}
+def split_file(cfg: DictConfig, split: str) -> Path:
+    """The path in ``data.files.<split>``; names the key and the path when it is missing."""
+    files = cfg.get("files") or {}
+    if split not in files or files[split] is None:
+        raise KeyError(f"data.files has no {split!r} entry (it has {sorted(files)})")
+    path = Path(str(files[split])).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data.files.{split}: no such file or directory {str(files[split])!r} ({path.resolve()})"
+        )
+    return path
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(path:line, record)`` for each non-blank line (1-based); a line that is not JSON yields a RecordError."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield where, RecordError(f"not UTF-8 ({err.reason} at byte {err.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, RecordError(f"invalid JSON ({err.msg} at column {err.colno})")
+
+
+def parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(path row i, record)`` for each row (0-based) of a parquet file."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("data.source=parquet needs pyarrow: pip install 'kdpipe[real]'") from err
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path} row {i}", row
+
+
+def dataset_rows(dataset, where: str) -> Iterator[tuple[str, Any]]:
+    """``(where row i, record)`` for each row (0-based) of a ``datasets`` dataset."""
+    for i, row in enumerate(dataset):
+        yield f"{where} row {i}", row
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("data.source=hf_disk / hf_hub needs datasets: pip install 'kdpipe[real]'") from err
+    return datasets
+
+
+def split_name(cfg: DictConfig, split: str) -> str:
+    """The dataset's name for a kdpipe split (``data.splits.<split>``, default the same name)."""
+    return str((cfg.get("splits") or {}).get(split) or split)
+
+
+def pick_split(dataset, name: str, where: str):
+    """A ``Dataset`` as it is; the ``name`` split of a ``DatasetDict``."""
+    if not hasattr(dataset, "keys"):
+        return dataset
+    if name not in dataset:
+        raise KeyError(f"{where} has no split {name!r} (it has {sorted(dataset.keys())}); set data.splits")
+    return dataset[name]
+
+
+def hf_disk_rows(cfg: DictConfig, split: str) -> tuple[str, Iterator[tuple[str, Any]]]:
+    """What is read and its rows, from ``datasets.load_from_disk``."""
+    datasets, name = _datasets(), split_name(cfg, split)
+    if cfg.get("files"):
+        path = split_file(cfg, split)
+        dataset = pick_split(datasets.load_from_disk(str(path)), name, f"data.files.{split} ({path})")
+        return f"data.files.{split} ({path})", dataset_rows(dataset, str(path))
+    if not cfg.get("path"):
+        raise KeyError("data.source=hf_disk needs data.path (a saved DatasetDict) or data.files.<split>")
+    path = Path(str(cfg.path)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data.path: no such directory {str(cfg.path)!r} ({path.resolve()})")
+    loaded = datasets.load_from_disk(str(path))
+    if not hasattr(loaded, "keys"):
+        raise ValueError(
+            f"data.path {path} is a single Dataset: save a DatasetDict, or give one per split in data.files"
+        )
+    return f"data.path {path} split {name!r}", dataset_rows(
+        pick_split(loaded, name, f"data.path {path}"), f"{path}[{name}]"
+    )
+
+
+def hf_hub_rows(cfg: DictConfig, split: str) -> tuple[str, Iterator[tuple[str, Any]]]:
+    """What is read and its rows, from ``datasets.load_dataset``."""
+    if not cfg.get("path"):
+        raise KeyError("data.source=hf_hub needs data.path (a hub dataset name or a builder such as 'json')")
+    kwargs = OmegaConf.to_container(cfg.load_kwargs, resolve=True) if cfg.get("load_kwargs") else {}
+    name = split_name(cfg, split)
+    dataset = _datasets().load_dataset(str(cfg.path), cfg.get("name"), split=name, **kwargs)
+    return f"dataset {cfg.path} split {name!r}", dataset_rows(dataset, f"{cfg.path}[{name}]")
+
+
+def _file_rows(reader: Callable[[Path], Iterator[tuple[str, Any]]]):
+    def rows(cfg: DictConfig, split: str) -> tuple[str, Iterator[tuple[str, Any]]]:
+        path = split_file(cfg, split)
+        return f"data.files.{split} ({path})", reader(path)
+
+    return rows
+
+
+ROW_READERS: dict[str, Callable[[DictConfig, str], tuple[str, Iterator[tuple[str, Any]]]]] = {
+    "jsonl": _file_rows(jsonl_rows),
+    "parquet": _file_rows(parquet_rows),
+    "hf_disk": hf_disk_rows,
+    "hf_hub": hf_hub_rows,
+}
+
+
+def _stat_key(value: Any) -> list:
+    """Size and modification time of a local file, or of every file under a directory (empty otherwise)."""
+    path = Path(str(value)).expanduser()
+    if path.is_file():
+        return [str(path), path.stat().st_size, path.stat().st_mtime_ns]
+    if path.is_dir():
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.rglob("*")) if p.is_file()]
+    return []
+
+
+def _cache_key(cfg: DictConfig, split: str) -> str:
+    """The config (resolved) and the state of every local path it names, as one string."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    local = [_stat_key(v) for v in [*(plain.get("files") or {}).values(), plain.get("path")] if v is not None]
+    return hashlib.sha256(json.dumps([split, plain, local], sort_keys=True, default=str).encode()).hexdigest()
+
+
+_PARSED: dict[str, ParsedRecords] = {}
+
+
+def load_records(cfg: DictConfig, split: str) -> LoadedSplit:
+    """A split of a file or dataset source, validated under ``data.on_error`` (cached per process)."""
+    key = _cache_key(cfg, split)
+    if key not in _PARSED:
+        spec = RecordSpec.from_config(cfg, default_prefix=str(cfg.source))
+        what, rows = ROW_READERS[str(cfg.source)](cfg, split)
+        if len(_PARSED) >= CACHE_SIZE:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = check_parsed(parse_records(rows, spec), spec, what)
+    parsed = _PARSED[key]
+    return LoadedSplit(parsed.examples, parsed.skipped)
+
+
+SOURCES: dict[str, Callable[[DictConfig, str], LoadedSplit]] = {
+    "arith": load_arith,
+    **{name: load_records for name in ROW_READERS},
+}
+
+
+def load_split(cfg: DictConfig, split: str) -> LoadedSplit:
+    """Load one split of the dataset described by a ``data`` config, with the count of dropped records.
+    The example dicts are fresh shallow copies: callers may annotate them."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
+    loaded = SOURCES[cfg.source](cfg, split)
+    return LoadedSplit([dict(e) for e in loaded.examples], loaded.skipped_invalid)
 
 
 def load_examples(cfg: DictConfig, split: str) -> list[dict]:
     """Load one split of the dataset described by a ``data`` config."""
-    if cfg.source not in SOURCES:
-        raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
-    return SOURCES[cfg.source](cfg, split)
+    return load_split(cfg, split).examples
 
 
 def subset_by_id(examples: list[dict], fraction: float) -> list[dict]:

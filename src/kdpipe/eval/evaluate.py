@@ -27,7 +27,7 @@ def label_loss(
     encoded = [
         encode_example(tokenizer, ex, style, system_prompt=system_prompt)
         for ex in examples
-        if style in ex.get("responses", {})
+        if style in ex.get("responses", {}) or "messages" in ex  # chat records carry their own assistant turns
     ]
     if not encoded:
         return None

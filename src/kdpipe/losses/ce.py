@@ -11,14 +11,15 @@ from kdpipe.data.encode import IGNORE_INDEX
 def token_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Cross-entropy over label positions, computed in float32.
+    """Cross-entropy over label positions, computed in float32 (float64 logits stay float64).
 
     Args:
         logits: [..., V] scores.
         labels: [...] target ids, ``ignore_index`` where there is nothing to learn.
         reduction: ``mean`` (over label tokens), ``sum``, or ``none`` (per position, 0 where ignored).
     """
-    flat = logits.reshape(-1, logits.shape[-1]).float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat if flat.dtype == torch.float64 else flat.float()
     losses = F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
     if reduction == "none":
         return losses.view(labels.shape)

@@ -14,6 +14,7 @@ from kdpipe.losses import fused_sparse_kd_terms, token_cross_entropy
 from kdpipe.models.heads import backbone_hidden, lm_head
 
 OptimizerFactory = Callable[..., Optimizer]
+FROZEN_OMITTED = "kdpipe_frozen_weights_omitted"  # checkpoint key: the frozen weights left out of it
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
@@ -56,7 +57,7 @@ class SFTModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay = weight_decay
         self._step_started = 0.0
-        self._tokens_seen, self._train_seconds = 0, 0.0
+        self._tokens_seen, self._batches_seen, self._train_seconds = 0, 0, 0.0
         self._val_sums: list[torch.Tensor] = []
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -97,13 +98,20 @@ class SFTModule(L.LightningModule):
         elapsed = time.perf_counter() - self._step_started
         tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         self._tokens_seen += tokens
+        self._batches_seen += 1
         self._train_seconds += elapsed
         self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
 
     def throughput(self) -> dict:
-        """Non-pad tokens trained on in this process, and their rate over time spent in training steps."""
-        rate = self._tokens_seen / self._train_seconds if self._train_seconds else 0.0
-        return {"tokens_trained": self._tokens_seen, "tokens_per_s": rate}
+        """Non-pad tokens and batches trained on in this process, and their rates over the time spent in
+        training steps (forward, backward, optimizer; validation and checkpointing excluded)."""
+        seconds = self._train_seconds
+        return {
+            "tokens_trained": self._tokens_seen,
+            "tokens_per_s": self._tokens_seen / seconds if seconds else 0.0,
+            "batches_trained": self._batches_seen,
+            "batches_per_s": self._batches_seen / seconds if seconds else 0.0,
+        }
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         count = (batch["labels"] != -100).sum()
@@ -118,6 +126,22 @@ class SFTModule(L.LightningModule):
             total, count = torch.stack(self._val_sums).sum(0)
             self.log("val/loss", total / count.clamp(min=1), prog_bar=True, sync_dist=True)
         self._val_sums.clear()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave frozen weights (a LoRA model's base) out of Lightning checkpoints: a resumed stage loads them
+        again from where it started, so only the adapters, optimizer and loop state need saving."""
+        frozen = [f"model.{n}" for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad]
+        if frozen:
+            state = checkpoint["state_dict"]
+            checkpoint[FROZEN_OMITTED] = [key for key in frozen if state.pop(key, None) is not None]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Put the frozen weights a checkpoint omits back from the model as loaded (its stage's start)."""
+        omitted = checkpoint.get(FROZEN_OMITTED)
+        if omitted:
+            current = self.state_dict()
+            for key in omitted:
+                checkpoint["state_dict"].setdefault(key, current[key])
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.model, self.weight_decay))

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from kdpipe.models.vocab import check_shared_vocabulary
 from kdpipe.pipeline.report import rich_table, write_results
 from kdpipe.pipeline.sharing import find_shared, publish_shared
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec, resolve_stages
@@ -59,6 +60,7 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, list[StageSpec]]:
     else:
         run_dir = Path(str(cfg.paths.run_dir)).expanduser().resolve()
     specs = resolve_stages(cfg, set(STAGE_KINDS))
+    check_shared_vocabulary(cfg, specs)  # teacher and student tokenizers only: cheap, and before any stage
     return cfg, run_dir, specs
 
 

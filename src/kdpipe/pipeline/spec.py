@@ -88,7 +88,9 @@ def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
         unknown = _unknown_keys(spec, defaults, f"pipeline.stages.{name}.")
         if unknown:
             raise PipelineConfigError(f"unknown key(s) in stage {name!r}: {', '.join(unknown)}")
-        merged = OmegaConf.merge(OmegaConf.to_container(defaults, resolve=True), spec)
+        # resolve against the whole config first: a stage may interpolate top-level keys (${data_fraction})
+        own = OmegaConf.to_container(spec, resolve=True)
+        merged = OmegaConf.merge(OmegaConf.to_container(defaults, resolve=True), own)
         if merged.model not in models:
             raise PipelineConfigError(
                 f"pipeline.stages.{name}.model={merged.model!r} is not a configured model; "

@@ -24,7 +24,15 @@ from kdpipe.data.rollouts import RolloutSettings, load_rollouts, write_rollouts
 from kdpipe.data.scorers import needs_model, needs_store, scorer_config
 from kdpipe.data.sources import load_examples
 from kdpipe.eval import evaluate_model
-from kdpipe.models.factory import build_model, build_tokenizer, count_parameters, load_model, load_tokenizer
+from kdpipe.models.factory import (
+    build_model,
+    build_tokenizer,
+    count_parameters,
+    load_model,
+    load_options,
+    load_tokenizer,
+)
+from kdpipe.models.lora import maybe_apply_lora, merged
 from kdpipe.modules import KDModule, SFTModule
 from kdpipe.modules.scorer import TeacherScorer
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
@@ -34,6 +42,7 @@ from kdpipe.store.fingerprint import data_fingerprint, model_fingerprint, tokeni
 from kdpipe.store.reader import TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
 from kdpipe.utils.io import atomic_replace_dir, atomic_write_json
+from kdpipe.utils.memory import peak_memory_mb
 
 console = Console()
 
@@ -65,24 +74,39 @@ class StageContext:
         return int(pinned) if pinned is not None else int(self.cfg.seed) + self.spec.index
 
 
+def converted_root(cfg: DictConfig) -> Path:
+    """Where GGUF models are converted into plain checkpoints (shared by runs, like the stores)."""
+    return Path(str(cfg.paths.log_dir)).expanduser().resolve() / "converted"
+
+
 def load_model_and_tokenizer(ctx: StageContext):
-    """The stage's starting model: the previous export of the same model, or a fresh one from its config."""
-    trust = bool(ctx.model_cfg.get("trust_remote_code", False))
+    """The stage's starting model: the previous export of the same model, or a fresh one from its config.
+
+    The model config's ``dtype``, ``attn_implementation`` and ``trust_remote_code`` apply to both."""
+    options = load_options(ctx.model_cfg)
     if ctx.start_from is not None:
-        return load_model(ctx.start_from, trust_remote_code=trust), load_tokenizer(ctx.start_from, trust)
+        tokenizer = load_tokenizer(ctx.start_from, options["trust_remote_code"])
+        return load_model(ctx.start_from, **options), tokenizer
     L.seed_everything(ctx.seed, verbose=False)
-    tokenizer = build_tokenizer(ctx.model_cfg)
-    return build_model(ctx.model_cfg, tokenizer), tokenizer
+    tokenizer = build_tokenizer(ctx.model_cfg, converted_root(ctx.cfg))
+    return build_model(ctx.model_cfg, tokenizer, converted_root(ctx.cfg)), tokenizer
+
+
+def load_trainable(ctx: StageContext):
+    """The starting model of a training stage, wrapped in LoRA adapters when its config enables them."""
+    model, tokenizer = load_model_and_tokenizer(ctx)
+    return maybe_apply_lora(model, ctx.model_cfg.get("lora")), tokenizer
 
 
 def export_model(model, tokenizer, export_dir: Path) -> Path:
-    """``save_pretrained`` model and tokenizer into a temp folder, then move it into place."""
+    """``save_pretrained`` model and tokenizer into a temp folder, then move it into place. A LoRA (PEFT)
+    model is merged first (in place), so the export is a plain checkpoint any ``transformers`` loads."""
     tmp = export_dir.with_name(f".{export_dir.name}.tmp")
     if tmp.exists():
         import shutil
 
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    merged(model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     atomic_replace_dir(tmp, export_dir)
     return export_dir
@@ -241,18 +265,34 @@ def train_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: Pos
         trainer.save_checkpoint(last, weights_only=False)  # full state: weights, optimizer, loops
     finally:
         finish_loggers(loggers)
+    seconds = time.perf_counter() - started
+    trainable = count_parameters(module.model, trainable_only=True)
+    model = merged(module.model)  # LoRA: the adapters merged in; the export and the evaluation use this model
     metrics = {
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": seconds,
         "steps": trainer.global_step,
-        "parameters": count_parameters(module.model),
+        "parameters": count_parameters(model),
+        "trainable_parameters": trainable,
         "train_examples": len(datamodule.encode_split("train")),
         "dropped_too_long": datamodule.dropped.get("train", 0),
+        "truncated_too_long": getattr(datamodule, "truncated", {}).get("train", 0),
+        "skipped_invalid": getattr(datamodule, "skipped_invalid", {}).get("train", 0),
         **{k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()},
         **module.throughput(),
+        **peak_memory_mb(),
     }
-    export = export_model(module.model, tokenizer, ctx.stage_dir / "export")
+    # optimizer steps per second of training-step time (this process's steps; validation excluded)
+    metrics["steps_per_s"] = metrics["batches_per_s"] / int(settings.accumulate_grad_batches)
+    console.print(
+        f"stage {ctx.spec.dirname}: {metrics['steps']} steps in {seconds:.1f}s, {metrics['steps_per_s']:.3g} "
+        f"steps/s ({metrics['tokens_per_s']:,.0f} tokens/s) in training steps, {trainable:,} of "
+        f"{metrics['parameters']:,} parameters trained, "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in peak_memory_mb().items())
+        + " (process peak so far)"
+    )
+    export = export_model(model, tokenizer, ctx.stage_dir / "export")
     if settings.eval.enabled:
-        metrics.update(evaluate_stage(ctx, module.model, tokenizer))
+        metrics.update(evaluate_stage(ctx, model, tokenizer))
     return metrics, export
 
 
@@ -269,7 +309,7 @@ def optimizer_parts(settings: DictConfig) -> dict:
 
 def run_sft(ctx: StageContext) -> tuple[dict, Path]:
     """Supervised fine-tuning on one response style, then (optionally) evaluation of the result."""
-    model, tokenizer = load_model_and_tokenizer(ctx)
+    model, tokenizer = load_trainable(ctx)
     module = SFTModule(model, **optimizer_parts(ctx.settings))
     return train_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer, model=model))
 
@@ -323,7 +363,7 @@ def run_kd(ctx: StageContext) -> tuple[dict, Path]:
     if ratio > 0:
         onpolicy_store = TeacherStore(resolve_store_path(ctx, "onpolicy_store", onpolicy=True))
         onpolicy_examples = load_rollouts(resolve_rollouts(ctx, stage_styles(ctx.settings)[0]))
-    model, tokenizer = load_model_and_tokenizer(ctx)
+    model, tokenizer = load_trainable(ctx)
     loss = OmegaConf.to_container(ctx.settings.loss, resolve=True)
     module = KDModule(model, loss=loss, **optimizer_parts(ctx.settings))
     datamodule = make_datamodule(

@@ -1,0 +1,94 @@
+"""Teacher and student must share one tokenizer: the stored teacher signal is over token ids of the teacher's
+vocabulary, on sequences its chat template rendered. :func:`check_shared_vocabulary` refuses a pipeline whose
+scoring model and distilled model tokenize differently, before any stage runs, naming what differs. It loads
+tokenizers only (no weights), each distinct model config once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from kdpipe.data.scorers import needs_store
+from kdpipe.models.factory import build_tokenizer
+from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
+from kdpipe.store.fingerprint import tokenizer_fingerprint
+
+EXAMPLES = 5  # differing tokens quoted per kind of difference
+
+
+def _examples(items: list, n: int = EXAMPLES) -> str:
+    shown = ", ".join(items[:n])
+    return f"{shown}, ... ({len(items)} in all)" if len(items) > n else shown
+
+
+def vocabulary_differences(
+    first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, names: tuple[str, str] = ("teacher", "student")
+) -> list[str]:
+    """What differs between two tokenizers (empty when their fingerprints match): vocabulary size, tokens
+    only in one, tokens with other ids, chat template, special tokens."""
+    fp_a, fp_b = tokenizer_fingerprint(first), tokenizer_fingerprint(second)
+    if fp_a["sha256"] == fp_b["sha256"]:
+        return []
+    a, b = names
+    problems = []
+    if fp_a["vocab_size"] != fp_b["vocab_size"]:
+        problems.append(f"vocab size {fp_a['vocab_size']} ({a}) != {fp_b['vocab_size']} ({b})")
+    if fp_a["vocab_sha256"] != fp_b["vocab_sha256"]:
+        va, vb = first.get_vocab(), second.get_vocab()
+        only_a = sorted((t for t in va if t not in vb), key=va.get)
+        only_b = sorted((t for t in vb if t not in va), key=vb.get)
+        moved = sorted((t for t in va if t in vb and va[t] != vb[t]), key=va.get)
+        if only_a:
+            problems.append(f"tokens only in the {a}'s vocabulary: {_examples([repr(t) for t in only_a])}")
+        if only_b:
+            problems.append(f"tokens only in the {b}'s vocabulary: {_examples([repr(t) for t in only_b])}")
+        if moved:
+            problems.append(
+                f"tokens with different ids ({a} vs {b}): {_examples([f'{t!r} {va[t]} vs {vb[t]}' for t in moved])}"
+            )
+    if fp_a["chat_template_sha256"] != fp_b["chat_template_sha256"]:
+        problems.append("the chat templates differ")
+    sa, sb = first.special_tokens_map, second.special_tokens_map
+    special = [f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+    if special:
+        problems.append(f"special tokens differ ({a} vs {b}): {'; '.join(special)}")
+    return problems or ["the tokenizers' fingerprints differ"]
+
+
+def teacher_student_pairs(specs: Sequence[StageSpec]) -> list[tuple[str, str]]:
+    """(scoring model, distilled model) pairs: every ``score`` stage's model against every model trained on a
+    store (``kd`` stages, and stages whose curriculum reads the teacher store), where the two differ."""
+    teachers = sorted({s.model for s in specs if s.kind == "score"})
+    reads_store = [s for s in specs if s.kind == "kd" or needs_store(s.config.get("curriculum") or {})]
+    students = sorted({s.model for s in reads_store})
+    return [(t, s) for t in teachers for s in students if t != s]
+
+
+def check_shared_vocabulary(cfg: DictConfig, specs: Sequence[StageSpec]) -> None:
+    """Raise :class:`PipelineConfigError` when a teacher and a student of the pipeline tokenize differently."""
+    pairs = teacher_student_pairs(specs)
+    if not pairs:
+        return
+    cache_root = Path(str(cfg.paths.log_dir)).expanduser() / "converted"
+    loaded: dict[str, PreTrainedTokenizerBase] = {}
+
+    def tokenizer_of(name: str) -> PreTrainedTokenizerBase:
+        model_cfg = cfg.models[name]
+        key = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True, default=str)
+        if key not in loaded:
+            loaded[key] = build_tokenizer(model_cfg, cache_root)
+        return loaded[key]
+
+    for teacher, student in pairs:
+        problems = vocabulary_differences(tokenizer_of(teacher), tokenizer_of(student), (teacher, student))
+        if problems:
+            raise PipelineConfigError(
+                f"models.{teacher} scores a teacher signal that models.{student} is distilled on, but their "
+                f"tokenizers differ: {'; '.join(problems)}. Teacher and student must share one vocabulary "
+                f"(same tokens and ids), chat template and special tokens."
+            )
