@@ -65,6 +65,25 @@ def test_a_numeric_override_is_plotted_as_lines(tmp_path):
         aggregate(tmp_path, x_key="seed")
 
 
+def test_a_sweep_finished_in_two_parts_is_pooled_and_reruns_replace(tmp_path, capsys):
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    fake_job(first, 0, ["data_fraction=0.1", "seed=1", "print_config=False", "hydra/launcher=basic"], 0.1, {})
+    fake_job(first, 1, ["data_fraction=0.1", "seed=2"], 0.3, {})
+    (first / "2" / ".hydra").mkdir(parents=True)  # killed mid-run ...
+    (first / "2" / ".hydra" / "overrides.yaml").write_text("- data_fraction=1.0\n- seed=1\n")
+    fake_job(second, 0, ["data_fraction=1.0", "seed=1"], 0.7, {})  # ... and rerun in a second sweep
+    fake_job(second, 1, ["data_fraction=1.0", "seed=2"], 0.9, {})
+    fake_job(second, 2, ["data_fraction=0.1", "seed=2"], 0.5, {})  # a rerun replaces the first sweep's job
+    assert main([str(first), str(second), "--x", "data_fraction", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    means = {g["group"]: g["accuracy"]["mean"] for g in summary["groups"]}
+    assert means == pytest.approx({"data_fraction=0.1": 0.3, "data_fraction=1.0": 0.8})
+    assert summary["unfinished"] == []  # the killed job was finished by the second sweep
+    assert summary["sweep_dir"] == [str(first), str(second)]
+    assert (out / "summary.png").stat().st_size > 0 and not (first / "summary.json").exists()
+    assert "summary.md" in capsys.readouterr().out.replace("\n", "")
+
+
 def test_aggregate_errors_name_the_folder_and_stage(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err

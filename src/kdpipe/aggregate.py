@@ -3,6 +3,10 @@
 kdpipe-aggregate logs/multiruns/2026-11-23_13-42-46              # group by what the sweep varied, over seeds
 kdpipe-aggregate logs/multiruns/<dir> --over seed --stage sft_reasoning
 kdpipe-aggregate logs/multiruns/<dir> --x data_fraction                # accuracy against a numeric override
+kdpipe-aggregate logs/multiruns/<dir1> logs/multiruns/<dir2>          # a sweep finished in two parts
+
+Several folders are pooled (a sweep whose unfinished jobs were rerun with narrower overrides); a job whose
+overrides repeat an earlier folder's job replaces it, and the summary goes to the first folder (or ``--out``).
 
 Every job folder's ``results.json`` is read; jobs are grouped by the overrides that differ between jobs,
 leaving out the ``--over`` keys (default: ``seed``), which become the repeats. For one stage (default: the
@@ -40,15 +44,22 @@ def _job_key(path: Path):
     return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
 
 
+# overrides that do not change what a job computes: never a group, never part of a job's identity
+IGNORED_KEYS = ("print_config", "hydra.", "hydra/")
+
+
 def read_overrides(job_dir: Path) -> dict[str, str]:
-    """The job's ``key=value`` overrides from Hydra's ``.hydra/overrides.yaml`` ({} when it has none)."""
+    """The job's ``key=value`` overrides from Hydra's ``.hydra/overrides.yaml`` ({} when it has none), less
+    the :data:`IGNORED_KEYS` (console output, Hydra's own settings such as the launcher)."""
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
         return {}
     overrides = {}
     for line in yaml.safe_load(path.read_text()) or []:
         key, _, value = str(line).partition("=")
-        overrides[key.lstrip("+~")] = value
+        key = key.lstrip("+~")
+        if not any(key == k or (k.endswith((".", "/")) and key.startswith(k)) for k in IGNORED_KEYS):
+            overrides[key] = value
     return overrides
 
 
@@ -223,42 +234,76 @@ def plot_lines(summary: dict, x_key: str, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def load_sweeps(sweep_dirs: list[Path]) -> tuple[list[Job], list[Path]]:
+    """Finished jobs pooled over several multirun folders; a later folder's job with the same overrides as an
+    earlier one (a rerun) replaces it, and an unfinished job that a later folder finished is not reported."""
+    by_overrides: dict[tuple, Job] = {}
+    unfinished: list[Path] = []
+    for sweep_dir in sweep_dirs:
+        jobs, left = load_jobs(sweep_dir)
+        for job in jobs:
+            by_overrides[tuple(sorted(job.overrides.items()))] = job
+        unfinished.extend(left)
+    done = set(by_overrides)
+    unfinished = [d for d in unfinished if tuple(sorted(read_overrides(d).items())) not in done]
+    return list(by_overrides.values()), unfinished
+
+
 def aggregate(
-    sweep_dir: Path, over: tuple[str, ...] = ("seed",), stage: str | None = None, x_key: str | None = None
+    sweep_dir: Path | list[Path],
+    over: tuple[str, ...] = ("seed",),
+    stage: str | None = None,
+    x_key: str | None = None,
+    out_dir: Path | None = None,
 ) -> dict:
-    """Summarise the multirun in ``sweep_dir``; writes ``summary.{json,md,png}`` there and returns it.
+    """Summarise the multirun in ``sweep_dir`` (or several pooled); writes ``summary.{json,md,png}`` into
+    ``out_dir`` (default: the first sweep folder) and returns it.
 
     With ``x_key`` (a numeric override such as ``data_fraction``) the plot is accuracy against it, one line
     per value of the other varying overrides; otherwise grouped bars per level."""
-    jobs, unfinished = load_jobs(sweep_dir)
+    sweep_dirs = [sweep_dir] if isinstance(sweep_dir, Path) else list(sweep_dir)
+    out_dir = out_dir or sweep_dirs[0]
+    jobs, unfinished = load_sweeps(sweep_dirs)
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir}: no job folder has a results.json (is the sweep still running?)")
+        names = ", ".join(str(d) for d in sweep_dirs)
+        raise FileNotFoundError(f"{names}: no job folder has a results.json (is the sweep still running?)")
     summary = summarize(group_jobs(jobs, over), stage)
-    summary.update(sweep_dir=str(sweep_dir), over=list(over), unfinished=[p.name for p in unfinished])
-    atomic_write_json(sweep_dir / "summary.json", summary)
-    atomic_write_text(sweep_dir / "summary.md", markdown_summary(summary))
-    title = f"{sweep_dir.name}: {stage or 'last evaluated stage'}, over {', '.join(over)}"
+    summary.update(
+        sweep_dir=str(sweep_dirs[0]) if len(sweep_dirs) == 1 else [str(d) for d in sweep_dirs],
+        over=list(over),
+        unfinished=[str(p.relative_to(p.parent.parent)) if len(sweep_dirs) > 1 else p.name for p in unfinished],
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_text(out_dir / "summary.md", markdown_summary(summary))
+    more = f" (+{len(sweep_dirs) - 1} more)" if len(sweep_dirs) > 1 else ""
+    title = f"{sweep_dirs[0].name}{more}: {stage or 'last evaluated stage'}, over {', '.join(over)}"
     if x_key is not None:
-        plot_lines(summary, x_key, sweep_dir / "summary.png", title)
+        plot_lines(summary, x_key, out_dir / "summary.png", title)
     else:
-        plot_summary(summary, sweep_dir / "summary.png", title)
+        plot_summary(summary, out_dir / "summary.png", title)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdpipe-aggregate", description=__doc__.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun folder (logs/multiruns/<date_time>)")
+    parser.add_argument(
+        "sweep_dirs", type=Path, nargs="+", help="Hydra multirun folder(s) (logs/multiruns/<date_time>), pooled"
+    )
     parser.add_argument("--over", nargs="+", default=["seed"], help="override keys that are repeats (default: seed)")
     parser.add_argument("--stage", default=None, help="stage to summarise (default: the last evaluated one)")
     parser.add_argument("--x", default=None, help="plot accuracy against this numeric override (e.g. data_fraction)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for summary.* (default: the first sweep)")
     args = parser.parse_args(argv)
+    out_dir = args.out or args.sweep_dirs[0]
     try:
-        summary = aggregate(args.sweep_dir, tuple(args.over), args.stage, args.x)
+        summary = aggregate(args.sweep_dirs, tuple(args.over), args.stage, args.x, out_dir)
     except (FileNotFoundError, KeyError) as err:
         print(f"kdpipe-aggregate: {err}", file=sys.stderr)
         return 2
     header, rows = table_rows(summary)
-    table = Table(title=f"{args.sweep_dir} (mean ± std over {', '.join(args.over)})")
+    names = " + ".join(str(d) for d in args.sweep_dirs)
+    table = Table(title=f"{names} (mean ± std over {', '.join(args.over)})")
     for h in header:
         table.add_column(h, justify="left" if h == "group" else "right")
     for row in rows:
@@ -266,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     if summary["unfinished"]:
         console.print(f"[yellow]left out, no results.json: {', '.join(summary['unfinished'])}")
-    console.print(f"summary: {args.sweep_dir / 'summary.md'}  plot: {args.sweep_dir / 'summary.png'}")
+    console.print(f"summary: {out_dir / 'summary.md'}  plot: {out_dir / 'summary.png'}")
     return 0
 
 
