@@ -15,14 +15,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
+from kdpipe.accelerators import register as register_accelerators
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
-from kdpipe.pipeline.stages import StageContext, run_score
+from kdpipe.pipeline.stages import StageContext, check_trainer_device, run_score
 from kdpipe.utils.paths import config_dir
 from kdpipe.utils.quiet import quiet_third_party
 
 
 def cache(cfg: DictConfig) -> dict:
     """Score ``cfg.teacher_path`` (or the configured teacher model) into stores; returns the score metrics."""
+    check_trainer_device(cfg.trainer)  # e.g. trainer=npu without torch_npu or CANN: fail before loading anything
     start_from = None
     if cfg.get("teacher_path"):
         start_from = Path(str(cfg.teacher_path)).expanduser().resolve()
@@ -49,6 +51,7 @@ def cache(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="cache")
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
+    register_accelerators()
     try:
         cache(cfg)
     except PipelineConfigError as err:

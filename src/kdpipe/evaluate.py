@@ -2,6 +2,7 @@
 
 kdpipe-eval model_path=logs/runs/<run>/03_sft_fast/export
 kdpipe-eval model_path=... split=val style=fast limit=100
+kdpipe-eval model_path=... device=npu          # on an Ascend NPU (torch_npu + CANN; README: Running on Ascend)
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from kdpipe.accelerators import NPUUnavailableError, resolve_device
+from kdpipe.accelerators import register as register_accelerators
 from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.sources import load_examples
 from kdpipe.eval import evaluate_model
@@ -38,13 +40,9 @@ def evaluate(cfg: DictConfig) -> dict:
     path = Path(str(cfg.model_path)).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model_path {path} is not a directory (expected an HF export)")
+    device = resolve_device(str(cfg.device))  # before loading: a missing torch_npu fails fast and says why
     trust = bool(cfg.get("trust_remote_code", False))
     model, tokenizer = load_model(path, trust_remote_code=trust), load_tokenizer(path, trust)
-    device = (
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
     model.to(device)
     examples = load_examples(cfg.data, str(cfg.split))
     if cfg.get("limit"):
@@ -77,9 +75,10 @@ def evaluate(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
+    register_accelerators()
     try:
         return float(evaluate(cfg)["accuracy"])
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NPUUnavailableError) as err:
         print(f"kdpipe-eval: {err}", file=sys.stderr)
         sys.exit(2)
 

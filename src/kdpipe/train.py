@@ -4,6 +4,8 @@ kdpipe-train                                   # the default pipeline on the bui
 kdpipe-train pipeline=tiny logger=csv          # another pipeline, CSV logs
 kdpipe-train 'pipeline.order=[teacher_sft,sft_fast]'
 kdpipe-train resume=logs/runs/2026-11-23_10-00-00   # continue an interrupted run
+kdpipe-train trainer=npu                       # on one Ascend NPU (torch_npu + CANN; README: Running on Ascend)
+kdpipe-train trainer=ddp trainer.devices=4     # every stage on 4 GPUs (kdpipe.pipeline.launch: how ranks start)
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from kdpipe.accelerators import register as register_accelerators
+from kdpipe.pipeline import launch
 from kdpipe.pipeline.runner import run_pipeline
 from kdpipe.pipeline.spec import PipelineConfigError
+from kdpipe.utils.dist import global_rank, is_rank_zero
 from kdpipe.utils.paths import config_dir
 from kdpipe.utils.quiet import quiet_third_party
 
@@ -33,14 +38,39 @@ def final_metric(payload: dict, name: str) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     quiet_third_party()
+    register_accelerators()  # Trainer(accelerator="npu"); imports no torch_npu
     try:
         payload = train(cfg)
     except PipelineConfigError as err:
         print(f"kdpipe-train: config error: {err}", file=sys.stderr)
         sys.exit(2)
     return final_metric(payload, str(cfg.get("optimized_metric", "accuracy")))
+
+
+def run_joined_rank(cfg: DictConfig) -> None:
+    """A rank that Lightning's launcher started for a running pipeline: run the launching job's config (see
+    :mod:`kdpipe.pipeline.launch`), then exit; Hydra never sees the repeated command line."""
+    quiet_third_party()
+    register_accelerators()
+    try:
+        train(cfg)
+    except PipelineConfigError as err:
+        print(f"kdpipe-train (rank {global_rank()}): config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """``kdpipe-train``: Hydra's entry point; in a process started by a multi-process trainer, that job's rank."""
+    launch.ENTRY_POINT = True  # multi-process trainers may re-run this command for their other ranks
+    joined = launch.joined_config()
+    if joined is not None:
+        run_joined_rank(joined)
+        return
+    if not is_rank_zero():  # started by torchrun / srun: rank 0 alone writes Hydra's config copy and job log
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    hydra_main()
 
 
 if __name__ == "__main__":

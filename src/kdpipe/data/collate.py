@@ -65,17 +65,22 @@ class KDCollator:
         batch = self.base(examples)
         rows, width = batch["input_ids"].shape
         k = self.store.k
-        teacher, counts = self.store.get_many([e.id for e in examples])
-        for e, n in zip(examples, counts):
-            if n != e.num_label_tokens:
-                raise ValueError(f"teacher store has {n} rows for example {e.id!r} with {e.num_label_tokens} labels")
-        # label positions in row-major order are the examples' label positions in order: one assignment each
+        # an example without label tokens (a DDP rank's placeholder row, see kdpipe.data.curriculum) needs none
+        labeled = [e for e in examples if e.num_label_tokens]
         has_teacher = batch["labels"] != IGNORE_INDEX
         topk_ids = torch.zeros((rows, width, k), dtype=torch.long)
         topk_logprobs = torch.full((rows, width, k), float("-inf"))
         tail = torch.zeros((rows, width))
-        topk_ids[has_teacher] = teacher.topk_ids
-        topk_logprobs[has_teacher] = teacher.topk_logprobs
-        tail[has_teacher] = teacher.tail_logprob
+        if labeled:
+            teacher, counts = self.store.get_many([e.id for e in labeled])
+            for e, n in zip(labeled, counts):
+                if n != e.num_label_tokens:
+                    raise ValueError(
+                        f"teacher store has {n} rows for example {e.id!r} with {e.num_label_tokens} labels"
+                    )
+            # label positions in row-major order are the examples' label positions in order: one assignment each
+            topk_ids[has_teacher] = teacher.topk_ids
+            topk_logprobs[has_teacher] = teacher.topk_logprobs
+            tail[has_teacher] = teacher.tail_logprob
         batch.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=tail, has_teacher=has_teacher)
         return batch

@@ -9,10 +9,13 @@ from any position, which is how a resumed stage continues exactly where it stopp
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
 
 from torch.utils.data import Sampler
+
+from kdpipe.data.encode import IGNORE_INDEX
 
 Order = list[int]
 
@@ -126,6 +129,48 @@ def cut_batches(
     return batches
 
 
+def rank_rows(batch: list[int], rank: int, num_replicas: int, dataset_size: int) -> list[int]:
+    """This rank's rows of a global batch: rows ``rank, rank + W, ...``, so the ranks' parts are disjoint and
+    together are the global batch (the one a single process gets with ``W`` times the per-rank batch size).
+
+    A global batch with fewer rows than ranks (the short last batch of a pass) leaves some ranks nothing: they
+    get a *placeholder*, index ``dataset_size + batch[0]``, which :class:`WithPlaceholders` serves as that
+    example with every label masked. The rank runs forward and backward, as DDP requires of every rank, and
+    adds nothing to the loss (the modules normalise by the global label count)."""
+    rows = batch[rank::num_replicas]
+    return rows if rows else [dataset_size + batch[0]]
+
+
+def placeholder(example):
+    """``example`` with every label masked: it runs through the model and adds nothing to any loss."""
+    return dataclasses.replace(example, labels=[IGNORE_INDEX] * len(example.labels))
+
+
+def rank_share_of(rows: Sequence, rank: int, num_replicas: int) -> list:
+    """Rows ``rank::num_replicas``, topped up with placeholders so that every rank has as many rows (and so
+    runs as many batches: under FSDP each forward is a collective); used for validation."""
+    mine = list(rows[rank::num_replicas])
+    return mine + [placeholder(rows[0])] * (-(-len(rows) // num_replicas) - len(mine))
+
+
+class WithPlaceholders(Sequence):
+    """A dataset of encoded examples that also serves :func:`rank_rows`' placeholders: index ``len + i`` is
+    example ``i`` with no label tokens."""
+
+    def __init__(self, examples: Sequence) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        if 0 <= index < len(self.examples):
+            return self.examples[index]
+        if len(self.examples) <= index < 2 * len(self.examples):
+            return placeholder(self.examples[index - len(self.examples)])
+        raise IndexError(f"index {index} is outside the dataset and its placeholders")
+
+
 class CurriculumBatchSampler(Sampler[list[int]]):
     """Yields the stage's batch plan, from batch ``start`` on.
 
@@ -195,11 +240,10 @@ class CurriculumBatchSampler(Sampler[list[int]]):
 
     @property
     def plan(self) -> list[list[int]]:
-        """This rank's batches: rows ``rank::num_replicas`` of each global batch, so the ranks' parts are
-        disjoint and together cover the global order."""
+        """This rank's batches: its rows of each global batch (:func:`rank_rows`)."""
         if self.num_replicas == 1:
             return self.global_plan
-        return [batch[self.rank :: self.num_replicas] for batch in self.global_plan]
+        return [rank_rows(batch, self.rank, self.num_replicas, len(self.difficulty)) for batch in self.global_plan]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.plan[self.start :]
@@ -276,9 +320,11 @@ class MixedBatchSampler(Sampler[list[int]]):
 
     @property
     def plan(self) -> list[list[int]]:
+        """This rank's batches: its rows of each global batch (:func:`rank_rows`)."""
         if self.num_replicas == 1:
             return self.global_plan
-        return [batch[self.rank :: self.num_replicas] for batch in self.global_plan]
+        size = self.offset + len(self.secondary.difficulty)  # the two pools, concatenated
+        return [rank_rows(batch, self.rank, self.num_replicas, size) for batch in self.global_plan]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.plan[self.start :]

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from kdpipe.data.collate import Collator, KDCollator
-from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler
+from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler, WithPlaceholders, rank_share_of
 from kdpipe.data.encode import EncodedExample, encode_example, system_prompt_for
 from kdpipe.data.scorers import example_scores
 from kdpipe.data.sources import load_split, subset_by_id
@@ -201,15 +201,21 @@ class PostTrainDataModule(L.LightningDataModule):
         sampler = self.make_sampler(world, rank)
         sampler.start = self.consumed_batches()
         return DataLoader(
-            self.train_examples(),
+            WithPlaceholders(self.train_examples()),  # a rank with no row of a short global batch gets one
             batch_sampler=sampler,
             collate_fn=self.collator,
             num_workers=int(self.data_cfg.get("num_workers", 0)),
         )
 
     def val_dataloader(self) -> DataLoader:
+        """Each rank validates rows ``rank::world_size`` (topped up with placeholder rows, so that every rank
+        runs as many batches); the modules sum loss and label count over the ranks."""
+        examples = self.encode_split("val")
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            examples = rank_share_of(examples, trainer.global_rank, trainer.world_size)
         return DataLoader(
-            self.encode_split("val"),
+            examples,
             batch_size=self.eval_batch_size,
             shuffle=False,
             collate_fn=Collator(self.tokenizer.pad_token_id),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from kdpipe.data.encode import IGNORE_INDEX, EncodedExample
+from kdpipe.utils.dist import is_rank_zero
 from kdpipe.utils.io import atomic_write_json
 
 STORE_SCORERS = ("teacher_nll", "teacher_entropy")
@@ -76,7 +77,7 @@ def store_scores(store, examples: list[EncodedExample], name: str) -> list[float
     missing = [e.id for e in examples if e.id not in cache]
     for example_id in missing:
         cache[example_id] = _teacher_stats(store.get(example_id), name)
-    if missing:
+    if missing and is_rank_zero():  # under DDP every rank computes the same scores; one writes them
         with contextlib.suppress(OSError):  # a read-only store still works, only uncached
             atomic_write_json(cache_path, cache)
     return [cache[e.id] for e in examples]
@@ -142,7 +143,7 @@ def student_loss_scores(
             raise ValueError("curriculum.scorer=student_loss runs the current model: no model was given")
         cache.update(zip((e.id for e in missing), model_losses(model, missing, collate, batch_size)))
         cache = _broadcast_from_rank0(cache)
-        if cache_path is not None:
+        if cache_path is not None and is_rank_zero():
             atomic_write_json(cache_path, cache)
     return [cache[e.id] for e in examples]
 

@@ -14,16 +14,36 @@ and gradients, but:
 
 Per-position weights carry the normalisation (``token`` or ``sequence``) and the ``ce_weight`` mix, computed from
 the masks before chunking, so the sum over chunks equals the reference's reduction exactly.
+
+Backends (``backend=``): ``generic`` is the path above, on any device. ``npu`` computes the CE part of each chunk
+with ``torch_npu.npu_cross_entropy_loss`` (CE and log-softmax in one fused call; the CE gradient is then
+softmax - onehot from that log-softmax, and at temperature 1 the same softmax serves the forward KL), instead of a
+logsumexp and a separate exp. It applies where the chunk's gradient has the closed form (forward KL with the tail
+bucket or the full vocabulary, or plain CE as in SFT) with ``ce_weight > 0``; other settings use the generic
+chunk. ``auto`` (the default) picks ``npu`` when the hidden states are on an NPU and ``torch_npu`` has the op, and
+``generic`` otherwise. The choice is logged once per process at INFO ("fused KD loss: ..."). The ``npu`` path is
+tested against the generic path and a float64 reference with a CPU stand-in for the op (tests/npu_standin.py), not
+on Ascend hardware.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kdpipe.data.encode import IGNORE_INDEX
 from kdpipe.losses.kd import NORMALIZE_MODES, sparse_kd_terms
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "generic", "npu")
+NPU_CE_MAX_ROWS = 200_000  # torch_npu.npu_cross_entropy_loss takes at most this many rows per call
+CEOp = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) -> (ce, log_sm)
+_ANNOUNCED: set[tuple[str, str]] = set()  # (backend, reason) pairs already logged by this process
 
 
 @dataclass
@@ -37,6 +57,7 @@ class FusedKDResult:
     topk_mass: torch.Tensor
     top1_agree: torch.Tensor
     positions: torch.Tensor  # flat indices of the label positions in the [B*T] (or [N]) layout
+    backend: str = "generic"  # the path that computed it: generic | npu (see the module docstring)
 
 
 def _closed_form_applies(options: dict, k: int, vocab: int) -> bool:
@@ -44,9 +65,12 @@ def _closed_form_applies(options: dict, k: int, vocab: int) -> bool:
     return options["divergence"] == "fkl" and (options["tail"] == "bucket" or k == vocab)
 
 
-def _closed_form_chunk(logits, ids, t_lp, t_tail, labels, kd_mask, w_ce, w_div, options):
+def _closed_form_chunk(logits, ids, t_lp, t_tail, labels, kd_mask, w_ce, w_div, options, ce_op: CEOp | None = None):
     """Per-position CE and forward KL of one chunk, the gradient of their weighted sum w.r.t. the logits
     (written into ``logits`` in place), and the diagnostics; no autograd graph is built.
+
+    ``ce_op`` (the ``npu`` backend, with ``ce_weight > 0``) gives the CE and the log-softmax of the logits in one
+    fused call; they replace the logsumexp and the exp of the generic path (which runs unchanged without it).
 
     With s = softmax(z), z = logits / T, bins K (teacher top-k) and the tail, P the teacher, q the student:
     d KL(P||q) / dz_j = M s_j - P_j for j in K, and s_j (M - P_tail / q_tail) outside K, where M is the total
@@ -70,14 +94,23 @@ def _closed_form_chunk(logits, ids, t_lp, t_tail, labels, kd_mask, w_ce, w_div, 
     ws = w_div.to(logits.dtype) * scale  # weight of the divergence gradient w.r.t. the logits
     ce = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
     div = torch.zeros_like(ce)
-    lse1 = logits.logsumexp(-1) if ce_weight > 0.0 else None
-    if ce_weight > 0.0:
-        ce = lse1 - logits[rows, labels]
+    log_sm = None  # log-softmax of the logits (temperature 1), when the fused CE op made it
+    if ce_op is not None and ce_weight > 0.0:
+        ce, log_sm = ce_op(logits, labels)
+        lse1 = ce + logits[rows, labels]  # CE = lse - z_label
+    else:
+        lse1 = logits.logsumexp(-1) if ce_weight > 0.0 else None
+        if ce_weight > 0.0:
+            ce = lse1 - logits[rows, labels]
     if ce_weight < 1.0:
         z = logits / temperature if temperature != 1.0 else logits
         lse = lse1 if temperature == 1.0 and lse1 is not None else z.logsumexp(-1)
-        log_q = z.gather(-1, ids) - lse[:, None]
-        s = (z - lse[:, None]).exp_()  # softmax(z): becomes the gradient buffer
+        if log_sm is not None and temperature == 1.0:  # the op's log-softmax is log softmax(z)
+            log_q = log_sm.gather(-1, ids)
+            s, log_sm = log_sm.exp_(), None  # softmax(z): becomes the gradient buffer
+        else:
+            log_q = z.gather(-1, ids) - lse[:, None]
+            s = (z - lse[:, None]).exp_()  # softmax(z): becomes the gradient buffer
         s_k = s.gather(-1, ids)
         if has_tail:
             q_tail = (1.0 - s_k.sum(-1)).clamp(min=0.0)
@@ -108,11 +141,80 @@ def _closed_form_chunk(logits, ids, t_lp, t_tail, labels, kd_mask, w_ce, w_div, 
     else:
         grad = None
     if ce_weight > 0.0:
-        soft = (logits - lse1[:, None]).exp_()
+        soft = log_sm.exp_() if log_sm is not None else (logits - lse1[:, None]).exp_()
         soft.index_put_((rows, labels), torch.full_like(lse1, -1.0), accumulate=True)
         soft *= w_ce[:, None]
         grad = soft if grad is None else grad.add_(soft)
     return ce, div, grad, kd_mask, topk_mass, top1_agree
+
+
+def _on_npu(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives on an Ascend NPU (asks :mod:`kdpipe.accelerators`, whose device mapping the tests'
+    CPU stand-in redirects; False without ``torch_npu`` imported)."""
+    if sys.modules.get("torch_npu") is None:
+        return False
+    from kdpipe.accelerators.npu import is_npu_device
+
+    return is_npu_device(tensor.device)
+
+
+def _npu_cross_entropy() -> Callable | None:
+    """``torch_npu.npu_cross_entropy_loss`` when ``torch_npu`` is imported and has it, else None (never imports)."""
+    module = sys.modules.get("torch_npu")
+    return getattr(module, "npu_cross_entropy_loss", None) if module is not None else None
+
+
+def _npu_ce_op(fused_ce: Callable) -> CEOp:
+    """(logits [N, V] float32, labels [N]) -> (CE [N], log-softmax [N, V]) from one fused torch_npu call."""
+
+    def ce_and_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, log_prob, _, _ = fused_ce(logits, labels, reduction="none")
+        return loss, log_prob
+
+    return ce_and_log_softmax
+
+
+def choose_backend(
+    backend: str, hidden: torch.Tensor, options: dict, k: int, vocab: int, compute: torch.dtype
+) -> tuple[str, str]:
+    """The backend that computes this call (``generic`` or ``npu``) and why; see the module docstring.
+
+    ``npu`` asked for explicitly fails (ValueError) without torch_npu's fused op or with the hidden states off the
+    NPU; where the op does not apply (another divergence, ``ce_weight=0``, float64) it falls back to ``generic``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "generic":
+        return "generic", "backend=generic"
+    on_npu, fused_ce = _on_npu(hidden), _npu_cross_entropy()
+    if backend == "npu":
+        if fused_ce is None:
+            raise ValueError(
+                "backend='npu' needs torch_npu (imported) with npu_cross_entropy_loss: install the kdpipe[ascend] "
+                "extra and run on an NPU (README: Running on Ascend), or use backend='auto' / 'generic'"
+            )
+        if not on_npu:
+            raise ValueError(f"backend='npu' needs the hidden states on an NPU, got them on {hidden.device}")
+    elif not on_npu:
+        return "generic", f"hidden states on {hidden.device.type}"
+    elif fused_ce is None:
+        return "generic", "this torch_npu has no npu_cross_entropy_loss"
+    if not _closed_form_applies(options, k, vocab):
+        return "generic", f"divergence={options['divergence']}, tail={options['tail']}: autograd chunks, no fused CE"
+    if options["ce_weight"] <= 0.0:
+        return "generic", "ce_weight=0: no CE term for the fused op"
+    if compute != torch.float32:
+        return "generic", f"{compute} compute: the fused op takes float32/float16/bfloat16"
+    return "npu", "hidden states on an NPU"
+
+
+def _announce(backend: str, reason: str) -> None:
+    """Log the backend choice at INFO, once per process for each (backend, reason)."""
+    if (backend, reason) in _ANNOUNCED:
+        return
+    _ANNOUNCED.add((backend, reason))
+    what = "npu fused cross-entropy (torch_npu.npu_cross_entropy_loss)" if backend == "npu" else "generic chunked"
+    log.info("fused KD loss: %s (%s)", what, reason)
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk when chunk_size is not given: 64 MiB in float32
@@ -148,7 +250,9 @@ def _accumulate(dz, h, w_mat, start, stop, grad_h, grad_w, grad_b, hidden) -> No
 
 class _FusedKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logprobs, tail, labels, has_teacher, w_ce, w_div, options, chunk, sink):
+    def forward(
+        ctx, hidden, weight, bias, ids, logprobs, tail, labels, has_teacher, w_ce, w_div, options, chunk, sink, ce_op
+    ):
         compute = torch.float64 if hidden.dtype == torch.float64 or weight.dtype == torch.float64 else torch.float32
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
@@ -177,6 +281,7 @@ class _FusedKD(torch.autograd.Function):
                     w_ce[start:stop],
                     w_div[start:stop],
                     options,
+                    ce_op,
                 )
                 del logits
                 chunk_loss = (ce * w_ce[start:stop].to(compute)).sum() + (div * w_div[start:stop].to(compute)).sum()
@@ -221,7 +326,7 @@ class _FusedKD(torch.autograd.Function):
             grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
             grad_w * scale.to(grad_w.dtype) if grad_w is not None else None,
             grad_b * scale.to(grad_b.dtype) if grad_b is not None else None,
-            *([None] * 10),
+            *([None] * 11),
         )
 
 
@@ -244,6 +349,7 @@ def fused_sparse_kd_terms(
     normalize: str = "token",
     has_teacher: torch.Tensor | None = None,
     scale_by_t2: bool = True,
+    backend: str = "auto",
 ) -> FusedKDResult:
     """The fused loss and its per-position diagnostics; see :func:`fused_sparse_kd_loss`."""
     if normalize not in NORMALIZE_MODES:
@@ -288,6 +394,12 @@ def fused_sparse_kd_terms(
         "normalize": "token",  # terms only; the weights above carry the normalisation
         "scale_by_t2": scale_by_t2,
     }
+    compute = torch.float64 if torch.float64 in (hidden.dtype, lm_head_weight.dtype) else torch.float32
+    chosen, reason = choose_backend(backend, hidden, options, k, lm_head_weight.shape[0], compute)
+    _announce(chosen, reason)
+    ce_op = _npu_ce_op(_npu_cross_entropy()) if chosen == "npu" else None
+    if ce_op is not None:
+        chunk_size = min(chunk_size, NPU_CE_MAX_ROWS)
     if not torch.is_grad_enabled():  # evaluation: no gradient work at all inside the chunks
         hidden, lm_head_weight = hidden.detach(), lm_head_weight.detach()
         lm_head_bias = lm_head_bias.detach() if lm_head_bias is not None else None
@@ -305,6 +417,7 @@ def fused_sparse_kd_terms(
         options,
         chunk_size,
         sink,
+        ce_op,
     )
     if sink:
         diagnostics = [torch.cat([part[i] for part in sink]) for i in range(5)]
@@ -312,7 +425,7 @@ def fused_sparse_kd_terms(
         empty = torch.zeros(0, device=labels.device)
         diagnostics = [empty, empty, empty.bool(), empty, empty.bool()]
     names = ("ce", "divergence", "kd_mask", "topk_mass", "top1_agree")
-    return FusedKDResult(loss=loss, positions=positions, **dict(zip(names, diagnostics)))
+    return FusedKDResult(loss=loss, positions=positions, backend=chosen, **dict(zip(names, diagnostics)))
 
 
 def fused_sparse_kd_loss(
@@ -335,6 +448,7 @@ def fused_sparse_kd_loss(
         lm_head_bias: optional [V].
         chunk_size: label positions per chunk (peak memory ~ chunk_size x V floats, times a few); default:
             :func:`auto_chunk_size` (about 64 MiB of float32 logits per chunk).
+        backend: ``auto`` (default), ``generic`` or ``npu``: how each chunk's CE is computed (module docstring).
         **kwargs: the options of :func:`kdpipe.losses.kd.sparse_kd_loss` (divergence, beta, temperature,
             ce_weight, tail, ignore_index, normalize, has_teacher, scale_by_t2).
     """

@@ -60,6 +60,13 @@ def lm_head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
             "LoRA on the LM head is not supported with loss_impl=fused: leave lm_head out of lora.target_modules "
             "(all-linear does) or set loss_impl=plain"
         )
+    if head.weight.dim() != 2:
+        raise ValueError(
+            f"the LM head's weight has shape {tuple(head.weight.shape)} where kdpipe reads it: a sharded parameter "
+            "(FSDP, DeepSpeed ZeRO 3) seen outside the forward that gathers it. Under FSDP keep the LM head and the "
+            "embeddings in the root unit (wrap only the decoder layers: configs/trainer/fsdp.yaml), so the training "
+            "step, which runs inside the root's forward, sees the whole weight; or set loss_impl=plain"
+        )
     return head.weight, getattr(head, "bias", None)
 
 

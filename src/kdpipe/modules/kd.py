@@ -21,7 +21,7 @@ class KDModule(SFTModule):
     """Train a student on CE plus a divergence to the teacher's stored top-k distribution.
 
     Args:
-        model, optimizer, scheduler, weight_decay: as for :class:`SFTModule`.
+        model, optimizer, scheduler, weight_decay, loss_impl, chunk_size, loss_backend: as for :class:`SFTModule`.
         loss: the stage's ``loss`` config (``divergence``, ``beta``, ``temperature``, ``ce_weight``,
             ``tail``, ``normalize``).
     """
@@ -35,8 +35,9 @@ class KDModule(SFTModule):
         loss: DictConfig | dict | None = None,
         loss_impl: str = "fused",
         chunk_size: int | None = None,
+        loss_backend: str = "auto",
     ) -> None:
-        super().__init__(model, optimizer, scheduler, weight_decay, loss_impl, chunk_size)
+        super().__init__(model, optimizer, scheduler, weight_decay, loss_impl, chunk_size, loss_backend)
         loss = dict(loss or {})
         unknown = set(loss) - set(LOSS_KEYS)
         if unknown:
@@ -45,10 +46,14 @@ class KDModule(SFTModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opts = self.loss_options
+        normalize = opts.get("normalize", "token")
+        # this rank's share of the global batch's loss (scale 1 and the configured mix on one process)
+        scale, ce_weight = self.rank_weights(batch, float(opts.get("ce_weight", 0.0)), normalize)
         if self.loss_impl == "fused":
-            result = self.fused_terms(batch, **opts)
-            self.log_diagnostics(result, batch, result.loss)
-            return result.loss
+            result = self.fused_terms(batch, **{**opts, "ce_weight": ce_weight})
+            loss = result.loss * scale
+            self.log_diagnostics(result, batch, self.global_value(loss))
+            return loss
         logits = self(batch)
         terms = sparse_kd_terms(
             logits,
@@ -59,10 +64,8 @@ class KDModule(SFTModule):
             has_teacher=batch["has_teacher"],
             **opts,
         )
-        loss = combine_terms(
-            terms, ce_weight=float(opts.get("ce_weight", 0.0)), normalize=opts.get("normalize", "token")
-        )
-        self.log_diagnostics(terms, batch, loss)
+        loss = combine_terms(terms, ce_weight=ce_weight, normalize=normalize) * scale
+        self.log_diagnostics(terms, batch, self.global_value(loss))
         return loss
 
     @torch.no_grad()
@@ -70,6 +73,8 @@ class KDModule(SFTModule):
         """Loss parts, teacher coverage and agreement, and the divergence per difficulty level.
 
         ``terms`` is a :class:`KDTerms` ([B, T] tensors) or a :class:`FusedKDResult` (1-D over label positions).
+        ``loss`` is the global batch's; under DDP the other diagnostics describe this rank's part of it (rank 0's
+        are logged): synchronising them would cost collectives every step, and per-level keys differ by rank.
         """
         n = len(batch["ids"])
         if isinstance(terms, FusedKDResult):  # lay the 1-D diagnostics back onto the batch layout

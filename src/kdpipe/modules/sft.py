@@ -10,7 +10,9 @@ import torch
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
+from kdpipe.data.encode import IGNORE_INDEX
 from kdpipe.losses import fused_sparse_kd_terms, token_cross_entropy
+from kdpipe.losses.fused import BACKENDS
 from kdpipe.models.heads import backbone_hidden, lm_head
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -18,13 +20,62 @@ FROZEN_OMITTED = "kdpipe_frozen_weights_omitted"  # checkpoint key: the frozen w
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave biases, norms and other vectors undecayed."""
+# prefixes FSDP and activation checkpointing put into parameter names of the modules they wrap
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the unwrapped model calls it."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def matrix_names(model: torch.nn.Module) -> set[str]:
+    """Names of the model's weight matrices (ndim >= 2): the parameters weight decay applies to."""
+    return {clean_name(n) for n, p in model.named_parameters() if p.ndim >= 2}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, matrices: set[str] | None = None) -> list[dict]:
+    """Decay matrices; leave biases, norms and other vectors undecayed.
+
+    ``matrices`` names the matrices when the parameters no longer show their shape: FSDP (``use_orig_params``)
+    hands the optimizer flat 1-D shards, so the module records the names before it is wrapped."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            is_matrix = clean_name(name) in matrices if matrices is not None else p.ndim >= 2
+            (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def local_denominators(labels: torch.Tensor, has_teacher: torch.Tensor | None, normalize: str) -> torch.Tensor:
+    """What this batch's loss divides its CE and its divergence by: label (and teacher) positions for
+    ``token`` normalisation, rows holding any for ``sequence``; float64 [2]."""
+    mask = labels != IGNORE_INDEX
+    teacher = mask & has_teacher.bool() if has_teacher is not None else mask
+    if normalize == "token":
+        counts = [mask.sum(), teacher.sum()]
+    else:
+        counts = [mask.reshape(labels.shape[0], -1).any(-1).sum(), teacher.reshape(labels.shape[0], -1).any(-1).sum()]
+    return torch.stack(counts).to(torch.float64)
+
+
+def rank_share(local: torch.Tensor, total: torch.Tensor, ce_weight: float, world_size: int) -> tuple[float, float]:
+    """``(scale, ce_weight')`` such that ``scale * loss(ce_weight')`` on this rank's part of a global batch,
+    averaged over the ranks (DDP averages gradients), is the loss of the whole global batch.
+
+    The loss is ``w * S_ce / n_ce + (1 - w) * S_div / n_div`` with local sums S and local denominators n
+    (``local``); the global batch's is the same over the ranks' summed S and N (``total``). With
+    ``A = W w n_ce / N_ce`` and ``B = W (1 - w) n_div / N_div``: ``scale = A + B``, ``w' = A / (A + B)``.
+    A rank without label positions gets scale 0 (it still runs forward and backward, as DDP requires)."""
+    n_ce, n_div = (float(v) for v in local)
+    total_ce, total_div = (float(v) for v in total)
+    a = world_size * ce_weight * n_ce / total_ce if total_ce > 0 else 0.0
+    b = world_size * (1.0 - ce_weight) * n_div / total_div if total_div > 0 else 0.0
+    if a + b == 0.0:
+        return 0.0, ce_weight
+    return a + b, a / (a + b)
 
 
 class SFTModule(L.LightningModule):
@@ -38,6 +89,8 @@ class SFTModule(L.LightningModule):
         loss_impl: ``fused`` (default: hidden states and the LM head go to the chunked fused loss, the full
             [tokens x vocab] logits never exist) or ``plain`` (the model's logits, then the loss).
         chunk_size: label positions per chunk of the fused loss (None: about 64 MiB of logits per chunk).
+        loss_backend: how the fused loss computes each chunk's CE: ``auto`` (default: torch_npu's fused
+            cross-entropy on an Ascend NPU, the generic path elsewhere), ``generic`` or ``npu``.
     """
 
     def __init__(
@@ -48,17 +101,21 @@ class SFTModule(L.LightningModule):
         weight_decay: float = 0.0,
         loss_impl: str = "fused",
         chunk_size: int | None = None,
+        loss_backend: str = "auto",
     ) -> None:
         super().__init__()
         if loss_impl not in ("fused", "plain"):
             raise ValueError(f"loss_impl must be 'fused' or 'plain', got {loss_impl!r}")
+        if loss_backend not in BACKENDS:
+            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {loss_backend!r}")
         self.model = model
-        self.loss_impl, self.chunk_size = loss_impl, chunk_size
+        self.loss_impl, self.chunk_size, self.loss_backend = loss_impl, chunk_size, loss_backend
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay = weight_decay
         self._step_started = 0.0
         self._tokens_seen, self._batches_seen, self._train_seconds = 0, 0, 0.0
         self._val_sums: list[torch.Tensor] = []
+        self._matrices = matrix_names(model)  # before any wrapping flattens the parameters (FSDP)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits [B, T, V] for a collated batch."""
@@ -77,21 +134,45 @@ class SFTModule(L.LightningModule):
             lm_head_bias=bias,
             chunk_size=self.chunk_size,
             has_teacher=batch.get("has_teacher"),
+            backend=self.loss_backend,
             **options,
         )
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        """Token cross-entropy on the labels."""
+    def loss(self, batch: dict, scale: float = 1.0) -> torch.Tensor:
+        """Token cross-entropy on the labels (times ``scale``: a rank's share, see :meth:`rank_weights`)."""
         if self.loss_impl == "fused":
-            return self.fused_terms(batch, ce_weight=1.0).loss
-        return token_cross_entropy(self(batch), batch["labels"])
+            return self.fused_terms(batch, ce_weight=1.0).loss * scale
+        return token_cross_entropy(self(batch), batch["labels"]) * scale
+
+    def world_size(self) -> int:
+        trainer = self._trainer
+        return trainer.world_size if trainer is not None else 1
+
+    def rank_weights(self, batch: dict, ce_weight: float = 1.0, normalize: str = "token") -> tuple[float, float]:
+        """``(scale, ce_weight)`` for this rank's part of the global batch (see :func:`rank_share`): with them
+        the gradient DDP averages over the ranks, and the logged loss, are exactly the whole global batch's,
+        however the label tokens fall onto the ranks. ``(1, ce_weight)`` on one process."""
+        world = self.world_size()
+        if world == 1:
+            return 1.0, ce_weight
+        local = local_denominators(batch["labels"], batch.get("has_teacher"), normalize)
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        return rank_share(local, total, ce_weight, world)
+
+    def global_value(self, loss: torch.Tensor) -> torch.Tensor:
+        """The global batch's loss from this rank's scaled share (the mean of the shares over the ranks)."""
+        world = self.world_size()
+        if world == 1:
+            return loss.detach()
+        return self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="sum") / world
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        scale, _ = self.rank_weights(batch)
+        loss = self.loss(batch, scale)
+        self.log("train/loss", self.global_value(loss), prog_bar=True, batch_size=len(batch["ids"]))
         return loss
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
@@ -122,9 +203,14 @@ class SFTModule(L.LightningModule):
         self._val_sums.append(torch.stack([total, count.to(total)]))
 
     def on_validation_epoch_end(self) -> None:
+        # sums over every rank's part of the validation set (one process: the whole set), then one ratio
         if self._val_sums:
-            total, count = torch.stack(self._val_sums).sum(0)
-            self.log("val/loss", total / count.clamp(min=1), prog_bar=True, sync_dist=True)
+            sums = torch.stack(self._val_sums).sum(0)
+            if self.world_size() > 1:  # every rank validates (see PostTrainDataModule.val_dataloader)
+                sums = self.trainer.strategy.reduce(sums.double(), reduce_op="sum")
+            total, count = sums
+            # the same on every rank already: sync_dist's mean changes nothing (and silences Lightning's advice)
+            self.log("val/loss", (total / count.clamp(min=1)).float(), prog_bar=True, sync_dist=True)
         self._val_sums.clear()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -143,8 +229,20 @@ class SFTModule(L.LightningModule):
             for key in omitted:
                 checkpoint["state_dict"].setdefault(key, current[key])
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as configured. Under FSDP clip by the norm over every rank's shards, through the root unit's
+        ``clip_grad_norm_`` (a per-shard norm would clip each rank differently; Lightning's FSDP precision plugin
+        has no reference to the root and refuses norm clipping)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(param_groups(self.model, self.weight_decay))
+        optimizer = self.optimizer_factory(param_groups(self.model, self.weight_decay, self._matrices))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, num_training_steps=self.trainer.max_steps)

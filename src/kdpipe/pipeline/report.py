@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from kdpipe.pipeline.state import PipelineState
+from kdpipe.utils.dist import is_rank_zero
 from kdpipe.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -107,8 +108,11 @@ def plot_accuracy(payload: dict, path: Path) -> bool:
 
 
 def write_results(state: PipelineState) -> dict:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into the run dir; returns the payload."""
+    """Write ``results.json``, ``results.md`` and ``results.png`` into the run dir (global rank 0 only);
+    returns the payload."""
     payload = results_payload(state)
+    if not is_rank_zero():
+        return payload
     atomic_write_json(state.run_dir / "results.json", payload)
     atomic_write_text(state.run_dir / "results.md", markdown_table(payload))
     plot_accuracy(payload, state.run_dir / "results.png")

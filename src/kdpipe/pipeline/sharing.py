@@ -4,20 +4,28 @@ The typical case is the teacher of a sweep: every job trains the same teacher on
 (pinned) seed, so the first job trains it and the others reuse its export. A shared stage's identity is a
 hash of everything that determines its result: the stage's settings, the model and data configs, the trainer
 settings, its seed, and the weights it starts from. Results live in ``<log_dir>/shared/<stage>-<hash>/``
-(``export/`` and ``metrics.json``), published atomically once the stage has finished.
+(``export/``, ``metrics.json`` and ``identity.json``), published atomically once the stage has finished.
+
+Concurrent jobs (a multirun on submitit or SLURM) may finish the same shared stage at once: each writes its
+own temp folder and the first rename wins; the others drop theirs (their results are equivalent). A folder
+is only reused when its ``identity.json`` equals this stage's identity, not on the strength of the hash alone.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from kdpipe.utils.io import atomic_replace_dir, atomic_write_json, read_json
+from kdpipe.pipeline.spec import PipelineConfigError
+from kdpipe.utils.io import atomic_write_json, read_json
 
 console = Console()
 
@@ -57,6 +65,14 @@ def find_shared(ctx) -> tuple[dict, Path] | None:
     root = shared_dir(ctx)
     if not (root / "metrics.json").exists() or not (root / "export").is_dir():
         return None
+    identity = json.loads(json.dumps(shared_identity(ctx), default=str))  # as identity.json stores it
+    if (root / "identity.json").exists() and read_json(root / "identity.json") != identity:
+        saved = read_json(root / "identity.json")
+        differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        raise PipelineConfigError(
+            f"stage {ctx.spec.name!r}: the shared folder {root} holds another stage's result (differs in "
+            f"{differ}); remove it to train this one"
+        )
     metrics = read_json(root / "metrics.json")
     console.print(f"[green]stage {ctx.spec.dirname}: reusing the shared result in {root}")
     return {**metrics, "shared_from": str(root)}, root / "export"
@@ -65,14 +81,14 @@ def find_shared(ctx) -> tuple[dict, Path] | None:
 def publish_shared(ctx, metrics: dict, export: Path) -> Path:
     """Copy a finished stage's export and metrics into its shared folder (atomically: all or nothing)."""
     root = shared_dir(ctx)
-    tmp = root.with_name(f".{root.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = root.with_name(f".{root.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # this process's own
     shutil.copytree(export, tmp / "export")
     atomic_write_json(tmp / "metrics.json", metrics)
     atomic_write_json(tmp / "identity.json", shared_identity(ctx))
-    if root.exists():  # another job published first: theirs is equivalent
-        shutil.rmtree(tmp)
-    else:
-        atomic_replace_dir(tmp, root)
+    try:
+        os.rename(tmp, root)  # atomic; fails if another job published first (never replaces a folder in use)
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        shutil.rmtree(tmp)  # theirs is equivalent
     return root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -15,9 +16,11 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
+from kdpipe.accelerators import NPUUnavailableError, npu_device, require_npu
+from kdpipe.accelerators import register as register_accelerators
 from kdpipe.data.datamodule import PostTrainDataModule, encode_examples
 from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.rollouts import RolloutSettings, load_rollouts, write_rollouts
@@ -35,16 +38,18 @@ from kdpipe.models.factory import (
 from kdpipe.models.lora import maybe_apply_lora, merged
 from kdpipe.modules import KDModule, SFTModule
 from kdpipe.modules.scorer import TeacherScorer
+from kdpipe.pipeline.launch import shards_weights
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
 from kdpipe.store import codec
 from kdpipe.store.callback import ScoreDataModule, StoreWriterCallback
 from kdpipe.store.fingerprint import data_fingerprint, model_fingerprint, tokenizer_fingerprint
 from kdpipe.store.reader import TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
+from kdpipe.utils.dist import broadcast_object, is_rank_zero, rank_zero_console, run_on_rank_zero
 from kdpipe.utils.io import atomic_replace_dir, atomic_write_json
 from kdpipe.utils.memory import peak_memory_mb
 
-console = Console()
+console = rank_zero_console()
 
 
 @dataclass
@@ -135,18 +140,86 @@ def make_loggers(ctx: StageContext) -> list:
             kwargs = {"save_dir": str(ctx.stage_dir), "name": "logs", "version": name}
         accepted = inspect.signature(factory.func).parameters
         has_var_kw = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-        loggers.append(factory(**{k: v for k, v in kwargs.items() if k in accepted or has_var_kw}))
+        logger = factory(**{k: v for k, v in kwargs.items() if k in accepted or has_var_kw})
+        if "Wandb" in target:  # what finish_loggers puts back (see there)
+            logger.kdpipe_prior_wandb_mode = os.environ.get("WANDB_MODE")
+        loggers.append(logger)
     return loggers
 
 
 def finish_loggers(loggers: list) -> None:
-    """Close every logger; wandb runs are finished so the next stage (or multirun job) starts its own."""
+    """Close every logger; wandb runs are finished so the next stage (or multirun job) starts its own.
+
+    ``WandbLogger(offline=True)`` sets ``WANDB_MODE`` for the rest of the process, and wandb keeps the settings
+    of its first run in a process-wide singleton: under Hydra's basic launcher every multirun job runs in the
+    same process, so a later stage or job would silently get the first one's mode. The stage puts
+    ``WANDB_MODE`` back as it found it and tears wandb down, so the next run reads its own settings afresh."""
     for logger in loggers:
         logger.finalize("success")
         if type(logger).__name__ == "WandbLogger":
             import wandb
 
             wandb.finish()
+            if hasattr(logger, "kdpipe_prior_wandb_mode"):
+                prior = logger.kdpipe_prior_wandb_mode
+                if prior is None:
+                    os.environ.pop("WANDB_MODE", None)
+                else:
+                    os.environ["WANDB_MODE"] = prior
+            wandb.teardown()
+
+
+MIXED_PRECISION = {"bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed", "16-mixed": "16-mixed", "16": "16-mixed"}
+
+
+def check_trainer_device(trainer_cfg: DictConfig) -> None:
+    """Fail early, before any stage runs, when the trainer asks for an NPU that cannot be used here (the message
+    says what to install or to source) or asks for one without the settings Lightning does not infer."""
+    if str(trainer_cfg.get("accelerator")) != "npu":
+        return
+    try:
+        require_npu()
+    except NPUUnavailableError as err:
+        raise PipelineConfigError(f"trainer.accelerator=npu: {err}") from err
+    if trainer_cfg.get("strategy") in (None, "auto"):
+        raise PipelineConfigError(
+            "trainer.accelerator=npu needs an explicit strategy (for a custom accelerator Lightning falls back to a "
+            "CPU single-device strategy, or gloo DDP): use trainer=npu (one NPU) or trainer=npu_ddp (HCCL)"
+        )
+
+
+def instantiate_trainer(trainer_cfg: DictConfig, **overrides) -> L.Trainer:
+    """``lightning.Trainer`` from a trainer config plus keyword overrides; registers kdpipe's accelerators.
+
+    Nested ``_target_`` nodes (the strategy and precision plugin the NPU configs give) are instantiated too. A
+    ``precision`` (from the config or the overrides, e.g. a score stage's ``32-true``) replaces a precision plugin
+    the config gives; mixed precision keeps the plugin's autocast device (for the NPU, ``npu``: Lightning would
+    pick CUDA autocast for a custom accelerator).
+    """
+    register_accelerators()
+    check_trainer_device(trainer_cfg)
+    factory = hydra.utils.instantiate(trainer_cfg, _partial_=True)
+    settings = {**factory.keywords, **overrides}
+    plugins = list(settings.get("plugins") or [])
+    precision = settings.get("precision")
+    given = [p for p in plugins if isinstance(p, Precision)]
+    autocast = next((p.device for p in given if isinstance(p, MixedPrecision)), None)
+    if autocast is None and str(settings.get("accelerator")) == "npu":
+        autocast = "npu"
+    if precision is not None and (given or autocast is not None):
+        plugins = [p for p in plugins if not isinstance(p, Precision)]
+        if str(precision) in MIXED_PRECISION and autocast is not None:
+            plugins.append(MixedPrecision(MIXED_PRECISION[str(precision)], device=autocast))
+            precision = None
+    return factory(**{**overrides, "plugins": plugins or None, "precision": precision})
+
+
+def inference_device(trainer_cfg: DictConfig) -> torch.device:
+    """Where generation (eval, rollouts) runs: the trainer's NPU, else CUDA when available and not ``cpu``."""
+    if str(trainer_cfg.get("accelerator")) == "npu":
+        index = OmegaConf.select(trainer_cfg, "strategy.device.index", default=None)
+        return npu_device(None if index is None else int(index))
+    return torch.device("cuda" if torch.cuda.is_available() and trainer_cfg.accelerator != "cpu" else "cpu")
 
 
 def make_trainer(ctx: StageContext, max_steps: int, loggers: list) -> L.Trainer:
@@ -165,7 +238,7 @@ def make_trainer(ctx: StageContext, max_steps: int, loggers: list) -> L.Trainer:
     # the curriculum sampler resumes mid-epoch itself (it skips the consumed batches): Lightning's warning
     # about non-resumable dataloaders does not apply
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    return hydra.utils.instantiate(
+    return instantiate_trainer(
         ctx.cfg.trainer,
         log_every_n_steps=min(int(ctx.cfg.trainer.get("log_every_n_steps", 50)), max_steps),
         max_steps=max_steps,
@@ -193,8 +266,7 @@ def evaluate_stage(ctx: StageContext, model, tokenizer) -> dict:
     examples = load_examples(ctx.cfg.data, str(eval_cfg.split))
     if eval_cfg.get("limit"):
         examples = examples[: int(eval_cfg.limit)]
-    device = torch.device("cuda" if torch.cuda.is_available() and ctx.cfg.trainer.accelerator != "cpu" else "cpu")
-    model.to(device)
+    model.to(inference_device(ctx.cfg.trainer))
     metrics, records = evaluate_model(
         model,
         tokenizer,
@@ -254,6 +326,12 @@ def train_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: Pos
         console.print(f"[yellow]resuming stage {ctx.spec.dirname} from {last}")
     loggers = make_loggers(ctx)
     trainer = make_trainer(ctx, max_steps, loggers)
+    if datamodule.scorer_model is not None and shards_weights(trainer.strategy):
+        finish_loggers(loggers)
+        raise PipelineConfigError(
+            f"stage {ctx.spec.name!r}: curriculum.scorer=student_loss runs the model outside the training step, "
+            "where a sharded strategy (FSDP) holds only a shard of it: use trainer=ddp, or another scorer"
+        )
     L.seed_everything(ctx.seed, verbose=False)
     module.model.train()
     started = time.perf_counter()
@@ -266,13 +344,10 @@ def train_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: Pos
     finally:
         finish_loggers(loggers)
     seconds = time.perf_counter() - started
-    trainable = count_parameters(module.model, trainable_only=True)
-    model = merged(module.model)  # LoRA: the adapters merged in; the export and the evaluation use this model
+    whole = trained_model(ctx, trainer, module)  # every rank calls it (a gather, for a sharded strategy)
     metrics = {
         "train_seconds": seconds,
         "steps": trainer.global_step,
-        "parameters": count_parameters(model),
-        "trainable_parameters": trainable,
         "train_examples": len(datamodule.encode_split("train")),
         "dropped_too_long": datamodule.dropped.get("train", 0),
         "truncated_too_long": getattr(datamodule, "truncated", {}).get("train", 0),
@@ -280,20 +355,48 @@ def train_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: Pos
         **{k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()},
         **module.throughput(),
         **peak_memory_mb(),
+        "world_size": trainer.world_size,
     }
     # optimizer steps per second of training-step time (this process's steps; validation excluded)
     metrics["steps_per_s"] = metrics["batches_per_s"] / int(settings.accumulate_grad_batches)
+
+    def export_and_evaluate() -> tuple[dict, Path]:  # rank 0: the others wait, then read the export
+        trainable = count_parameters(whole, trainable_only=True)
+        model = merged(whole)  # LoRA: the adapters merged in; the export and the evaluation use this model
+        found = {"parameters": count_parameters(model), "trainable_parameters": trainable}
+        export = export_model(model, tokenizer, ctx.stage_dir / "export")
+        if settings.eval.enabled:
+            found.update(evaluate_stage(ctx, model, tokenizer))
+        return found, export
+
+    found, export = run_on_rank_zero(export_and_evaluate)
+    metrics.update(found)
     console.print(
         f"stage {ctx.spec.dirname}: {metrics['steps']} steps in {seconds:.1f}s, {metrics['steps_per_s']:.3g} "
-        f"steps/s ({metrics['tokens_per_s']:,.0f} tokens/s) in training steps, {trainable:,} of "
-        f"{metrics['parameters']:,} parameters trained, "
+        f"steps/s ({metrics['tokens_per_s']:,.0f} tokens/s) in training steps"
+        + (f" on {trainer.world_size} ranks (this rank's)" if trainer.world_size > 1 else "")
+        + f", {metrics['trainable_parameters']:,} of {metrics['parameters']:,} parameters trained, "
         + ", ".join(f"{k} {v:,.0f}" for k, v in peak_memory_mb().items())
         + " (process peak so far)"
     )
-    export = export_model(model, tokenizer, ctx.stage_dir / "export")
-    if settings.eval.enabled:
-        metrics.update(evaluate_stage(ctx, model, tokenizer))
     return metrics, export
+
+
+def trained_model(ctx: StageContext, trainer: L.Trainer, module: SFTModule):
+    """The trained model whole on rank 0 (None elsewhere under a sharded strategy).
+
+    Under one process, DDP or DeepSpeed ZeRO 1/2 every rank holds the whole model: the module's own. Under
+    FSDP each rank holds a shard: the full state dict is gathered onto rank 0 (a collective: every rank calls
+    this; ``state_dict_type: full``) and loaded into a fresh copy of the stage's starting model."""
+    if not shards_weights(trainer.strategy):
+        return module.model
+    state = trainer.strategy.lightning_module_state_dict()
+    if not is_rank_zero():
+        return None
+    fresh, _ = load_trainable(ctx)
+    prefix = "model."
+    fresh.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return fresh
 
 
 def optimizer_parts(settings: DictConfig) -> dict:
@@ -304,6 +407,7 @@ def optimizer_parts(settings: DictConfig) -> dict:
         "weight_decay": float(settings.weight_decay),
         "loss_impl": str(settings.loss_impl),
         "chunk_size": None if settings.loss_chunk_size in (None, "auto") else int(settings.loss_chunk_size),
+        "loss_backend": str(settings.get("loss_backend", "auto")),  # runs saved before the key existed: auto
     }
 
 
@@ -385,8 +489,7 @@ def run_rollout(ctx: StageContext) -> tuple[dict, None]:
     settings = ctx.settings
     style = str(settings.style)
     model, tokenizer = load_model_and_tokenizer(ctx)
-    device = torch.device("cuda" if torch.cuda.is_available() and ctx.cfg.trainer.accelerator != "cpu" else "cpu")
-    model.to(device)
+    model.to(inference_device(ctx.cfg.trainer))
     prompts = load_examples(ctx.cfg.data, str(settings.split))
     if settings.get("limit"):
         prompts = prompts[: int(settings.limit)]
@@ -459,11 +562,13 @@ def run_score(ctx: StageContext) -> tuple[dict, None]:
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
         path = Path(str(settings.store_root)).expanduser().resolve() / f"{style}-{split}-k{k}-{key}"
         started = time.perf_counter()
-        reused = (path / MANIFEST).exists()
+        reused = broadcast_object((path / MANIFEST).exists())  # rank 0 decides for all: they must agree
         if reused:
             console.print(f"reusing teacher store {path}")
         else:
             write_store(ctx, model, path, examples, meta, codec.make_spec(len(tokenizer), k))
+            if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
+                model, _ = load_model_and_tokenizer(ctx)
         store = TeacherStore(path)
         store.check_compatible(tokenizer, examples)
         nbytes = sum((path / sh["file"]).stat().st_size for sh in store.manifest["shards"])
@@ -483,6 +588,13 @@ def run_score(ctx: StageContext) -> tuple[dict, None]:
     return metrics, None
 
 
+def wrapped_in_place(model: torch.nn.Module) -> bool:
+    """Whether a strategy replaced some of the model's modules by its own wrappers (FSDP units)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
 def write_store(ctx: StageContext, model, path: Path, examples, meta: dict, spec) -> None:
     """Score the examples not yet in complete shards with ``Trainer.predict``; rank 0 writes the manifest."""
     settings = ctx.settings
@@ -493,7 +605,7 @@ def write_store(ctx: StageContext, model, path: Path, examples, meta: dict, spec
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     data = ScoreDataModule(examples, make_writer, int(settings.batch_size), pad_id)
     scorer = TeacherScorer(model, int(settings.k), float(settings.temperature), int(settings.chunk_size))
-    trainer = hydra.utils.instantiate(
+    trainer = instantiate_trainer(
         ctx.cfg.trainer,
         callbacks=[StoreWriterCallback(data)],
         logger=False,
@@ -501,12 +613,11 @@ def write_store(ctx: StageContext, model, path: Path, examples, meta: dict, spec
         use_distributed_sampler=False,  # each rank scores its own shards
         **({"precision": settings.precision} if settings.get("precision") else {}),
     )
+    data.equal_batches = shards_weights(trainer.strategy)  # FSDP: every forward is a collective
     console.print(f"scoring {len(examples)} examples into {path} (complete shards are kept)")
     trainer.predict(scorer, datamodule=data, return_predictions=False)
-    trainer.strategy.barrier()
-    if trainer.is_global_zero:
-        make_writer(0, 1).finalize()
-    trainer.strategy.barrier()
+    trainer.strategy.barrier()  # every rank's shards are on disk
+    run_on_rank_zero(lambda: make_writer(0, 1).finalize())  # one manifest over them; the others wait for it
 
 
 def run_eval(ctx: StageContext) -> tuple[dict, None]:
@@ -527,6 +638,9 @@ STAGE_KINDS: dict[str, Callable[[StageContext], tuple[dict, Path | None]]] = {
 
 
 def write_stage_metrics(ctx: StageContext, metrics: dict) -> None:
+    """The stage's ``metrics.json`` (global rank 0 only)."""
+    if not is_rank_zero():
+        return
     payload = {"name": ctx.spec.name, "kind": ctx.spec.kind, "model": ctx.spec.model, "metrics": metrics}
     payload["settings"] = OmegaConf.to_container(ctx.settings, resolve=True)
     atomic_write_json(ctx.stage_dir / "metrics.json", payload)

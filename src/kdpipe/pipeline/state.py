@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
+from kdpipe.utils.dist import is_rank_zero
 from kdpipe.utils.io import atomic_write_json, read_json
 
 STATE_FILE = "pipeline_state.json"
@@ -67,6 +68,9 @@ class PipelineState:
         return state
 
     def save(self) -> None:
+        """Write ``pipeline_state.json`` (global rank 0 only: every rank keeps the same state in memory)."""
+        if not is_rank_zero():
+            return
         data = asdict(self)
         data.pop("run_dir")
         atomic_write_json(self.run_dir / STATE_FILE, data)

@@ -3,16 +3,19 @@ shards, and a prediction writer that streams the scorer's outputs into that rank
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from kdpipe.data.collate import Collator
 from kdpipe.data.encode import EncodedExample
 from kdpipe.store.writer import StoreWriter
+
+FILLER = -1  # index of a filler row: scored to keep ranks in step, never written
 
 
 class ScoreDataModule(L.LightningDataModule):
@@ -29,28 +32,62 @@ class ScoreDataModule(L.LightningDataModule):
         make_writer: Callable[[int, int], StoreWriter],
         batch_size: int,
         pad_token_id: int,
+        equal_batches: bool = False,
     ) -> None:
         super().__init__()
         self.examples, self.make_writer, self.batch_size = examples, make_writer, batch_size
+        self.equal_batches = equal_batches
         self.collate = Collator(pad_token_id)
         self.writer: StoreWriter | None = None
+        self.batches: list[list[int]] = []
 
     def setup(self, stage: str | None = None) -> None:
-        self.writer = self.make_writer(self.trainer.global_rank, self.trainer.world_size)
+        """The rank's writer and batches, fixed here: every rank decides before any of them writes a shard."""
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.writer = self.make_writer(rank, world)
+        pending = self.writer.pending_examples()
+        self.batches = [pending[i : i + self.batch_size] for i in range(0, len(pending), self.batch_size)]
+        if self.equal_batches and world > 1:
+            # a sharded model (FSDP) gathers its weights in every forward, a collective: every rank must run
+            # as many batches as the busiest one. Filler batches (index -1) are scored and dropped.
+            most = max(-(-len(self.writer.pending_examples(r)) // self.batch_size) for r in range(world))
+            self.batches += [[FILLER]] * (most - len(self.batches))
 
-    def _collate(self, items: list[tuple[int, EncodedExample]]) -> dict:
-        batch = self.collate([e for _, e in items])
-        batch["indices"] = torch.tensor([i for i, _ in items])
+    def _collate(self, indices: list[int]) -> dict:
+        batch = self.collate([self.examples[max(i, 0)] for i in indices])
+        batch["indices"] = torch.tensor(indices)
         return batch
 
     def predict_dataloader(self) -> DataLoader:
-        pending = self.writer.pending_examples()
-        return DataLoader(
-            [(i, self.examples[i]) for i in pending],
-            batch_size=self.batch_size,
-            shuffle=False,
-            collate_fn=self._collate,
-        )
+        # Lightning cannot check a custom batch sampler for drop_last; this one yields every batch it holds
+        warnings.filterwarnings("ignore", message="You are using a custom batch sampler")
+        return DataLoader(_Indices(len(self.examples)), batch_sampler=_Batches(self.batches), collate_fn=self._collate)
+
+
+class _Batches(Sampler[list[int]]):
+    """A fixed list of batches of indices."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Indices(torch.utils.data.Dataset):
+    """Item ``i`` is ``i`` (also :data:`FILLER`, which a ``range`` would wrap around to the last example)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
 
 
 class StoreWriterCallback(BasePredictionWriter):
@@ -62,6 +99,8 @@ class StoreWriterCallback(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for row in prediction:
+            if row["index"] == FILLER:
+                continue
             self.data.writer.add(
                 row["index"], row["topk_ids"], row["topk_logprobs"], row["tail_logprob"], row["label_logprob"]
             )

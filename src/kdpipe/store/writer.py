@@ -88,13 +88,14 @@ class StoreWriter:
     def is_complete(self, shard: int) -> bool:
         return (self.path / shard_name(shard)).exists()
 
-    def pending_shards(self) -> list[int]:
-        """Shards of this rank that still have to be written."""
-        return [s for s in range(self.num_shards) if s % self.world_size == self.rank and not self.is_complete(s)]
+    def pending_shards(self, rank: int | None = None) -> list[int]:
+        """Shards of this rank (or of ``rank``) that still have to be written."""
+        rank = self.rank if rank is None else rank
+        return [s for s in range(self.num_shards) if s % self.world_size == rank and not self.is_complete(s)]
 
-    def pending_examples(self) -> list[int]:
-        """Indices (into ``examples``) this rank still has to score, in order."""
-        return [i for s in self.pending_shards() for i in self.shard_examples(s)]
+    def pending_examples(self, rank: int | None = None) -> list[int]:
+        """Indices (into ``examples``) this rank (or ``rank``) still has to score, in order."""
+        return [i for s in self.pending_shards(rank) for i in self.shard_examples(s)]
 
     def add(
         self,
