@@ -25,6 +25,17 @@ class CrashAt(L.Callback):
             raise RuntimeError(f"simulated crash in {self.stage} at step {trainer.global_step}")
 
 
+class CrashEveryRankAt(CrashAt):
+    """:class:`CrashAt` on every rank of a multi-process run at the same step (one marker per rank, so no rank
+    sees another's marker and trains on alone)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rank_marker = self.marker.with_name(f"{self.marker.name}.rank{trainer.global_rank}")
+        CrashAt(self.stage, self.step, str(rank_marker)).on_train_batch_end(
+            trainer, pl_module, outputs, batch, batch_idx
+        )
+
+
 @contextmanager
 def _full_state_dicts_in_place():
     """Lightning's full state-dict context without ``offload_to_cpu``: torch's FSDP segfaults copying tensors

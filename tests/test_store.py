@@ -188,3 +188,42 @@ def test_killed_writer_resumes_to_an_identical_store(tmp_path):
     assert ref_files == sorted(p.name for p in crashed.iterdir())
     for name in ref_files:
         assert (reference / name).read_bytes() == (crashed / name).read_bytes(), name
+
+
+def test_two_writers_racing_on_one_store_leave_one_complete_store(tokenizer, tmp_path, monkeypatch):
+    """Two jobs scoring the same missing store at once (a parallel sweep): each writes every shard under a
+    temp name of its own and renames it, so neither trips over the other and the result equals one writer's.
+    The race is forced: both writers have written a shard's temp file before either renames it."""
+    import threading
+
+    from kdpipe.store import writer as writer_module
+
+    examples = encoded(tokenizer)
+    reference = tmp_path / "reference"
+    write_store(reference, tokenizer, examples)
+    both_written = threading.Barrier(2, timeout=30)
+    real_save_file = writer_module.save_file
+
+    def save_then_wait(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        both_written.wait()  # the other writer has now written (its) temp file for this shard too
+
+    monkeypatch.setattr(writer_module, "save_file", save_then_wait)
+    raced = tmp_path / "raced"
+    errors: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            write_store(raced, tokenizer, examples)
+        except Exception as err:  # collected: a thread's exception would not fail the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in raced.iterdir()) == sorted(p.name for p in reference.iterdir())  # no .tmp left
+    for shard in reference.glob("shard-*.safetensors"):
+        assert (raced / shard.name).read_bytes() == shard.read_bytes(), shard.name

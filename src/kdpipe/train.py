@@ -64,12 +64,18 @@ def run_joined_rank(cfg: DictConfig) -> None:
 def main() -> None:
     """``kdpipe-train``: Hydra's entry point; in a process started by a multi-process trainer, that job's rank."""
     launch.ENTRY_POINT = True  # multi-process trainers may re-run this command for their other ranks
-    joined = launch.joined_config()
+    try:
+        joined = launch.joined_config()
+    except PipelineConfigError as err:
+        print(f"kdpipe-train (rank {global_rank()}): {err}", file=sys.stderr)
+        sys.exit(2)
     if joined is not None:
         run_joined_rank(joined)
         return
     if not is_rank_zero():  # started by torchrun / srun: rank 0 alone writes Hydra's config copy and job log
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+        given = {arg.split("=", 1)[0] for arg in sys.argv[1:]}
+        quiet = ("hydra.output_subdir=null", "hydra/job_logging=stdout")
+        sys.argv += [override for override in quiet if override.split("=")[0] not in given]
     hydra_main()
 
 

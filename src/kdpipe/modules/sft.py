@@ -144,7 +144,8 @@ class SFTModule(L.LightningModule):
             return self.fused_terms(batch, ce_weight=1.0).loss * scale
         return token_cross_entropy(self(batch), batch["labels"]) * scale
 
-    def world_size(self) -> int:
+    def num_ranks(self) -> int:
+        """Processes training together (1 outside a Trainer or on one process)."""
         trainer = self._trainer
         return trainer.world_size if trainer is not None else 1
 
@@ -152,7 +153,7 @@ class SFTModule(L.LightningModule):
         """``(scale, ce_weight)`` for this rank's part of the global batch (see :func:`rank_share`): with them
         the gradient DDP averages over the ranks, and the logged loss, are exactly the whole global batch's,
         however the label tokens fall onto the ranks. ``(1, ce_weight)`` on one process."""
-        world = self.world_size()
+        world = self.num_ranks()
         if world == 1:
             return 1.0, ce_weight
         local = local_denominators(batch["labels"], batch.get("has_teacher"), normalize)
@@ -161,7 +162,7 @@ class SFTModule(L.LightningModule):
 
     def global_value(self, loss: torch.Tensor) -> torch.Tensor:
         """The global batch's loss from this rank's scaled share (the mean of the shares over the ranks)."""
-        world = self.world_size()
+        world = self.num_ranks()
         if world == 1:
             return loss.detach()
         return self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="sum") / world
@@ -206,7 +207,7 @@ class SFTModule(L.LightningModule):
         # sums over every rank's part of the validation set (one process: the whole set), then one ratio
         if self._val_sums:
             sums = torch.stack(self._val_sums).sum(0)
-            if self.world_size() > 1:  # every rank validates (see PostTrainDataModule.val_dataloader)
+            if self.num_ranks() > 1:  # every rank validates (see PostTrainDataModule.val_dataloader)
                 sums = self.trainer.strategy.reduce(sums.double(), reduce_op="sum")
             total, count = sums
             # the same on every rank already: sync_dist's mean changes nothing (and silences Lightning's advice)
@@ -216,7 +217,8 @@ class SFTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave frozen weights (a LoRA model's base) out of Lightning checkpoints: a resumed stage loads them
         again from where it started, so only the adapters, optimizer and loop state need saving."""
-        frozen = [f"model.{n}" for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad]
+        named = self.model.named_parameters(remove_duplicate=False)
+        frozen = [f"model.{clean_name(n)}" for n, p in named if not p.requires_grad]  # FSDP: names without wrappers
         if frozen:
             state = checkpoint["state_dict"]
             checkpoint[FROZEN_OMITTED] = [key for key in frozen if state.pop(key, None) is not None]
@@ -236,7 +238,8 @@ class SFTModule(L.LightningModule):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         root = self.trainer.strategy.model
-        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm in (None, "norm"):
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and isinstance(root, FullyShardedDataParallel):
             root.clip_grad_norm_(float(gradient_clip_val))
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

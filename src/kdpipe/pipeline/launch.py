@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -72,15 +73,15 @@ def check_strategy(trainer_cfg: DictConfig) -> None:
     """Refuse strategies kdpipe cannot run, before any stage: DeepSpeed without its extra, ZeRO stage 3."""
     name = _strategy_name(trainer_cfg)
     if "deepspeed" in name:
-        if importlib.util.find_spec("deepspeed") is None:
-            raise PipelineConfigError(
-                "trainer=deepspeed needs DeepSpeed: pip install 'kdpipe[deepspeed]' (or pip install deepspeed)"
-            )
         strategy = trainer_cfg.get("strategy")
         if "stage_3" in name or (isinstance(strategy, DictConfig) and strategy.get("stage") == 3):
             raise PipelineConfigError(
                 "DeepSpeed ZeRO stage 3 partitions the weights, which kdpipe's exports and fused LM-head loss need "
                 "whole: use stage 1 or 2 (trainer=deepspeed), or trainer=fsdp to shard the model"
+            )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise PipelineConfigError(
+                "trainer=deepspeed needs DeepSpeed: pip install 'kdpipe[deepspeed]' (or pip install deepspeed)"
             )
 
 
@@ -118,9 +119,10 @@ class DistributedJob:
     restore_env: dict[str, str | None] = field(default_factory=dict)
 
     def abort(self) -> None:
-        """Stop the processes this one started (they would wait for it in a collective until the timeout)."""
+        """Kill the processes this one started: they would wait for it in a collective until the timeout (and
+        a rank stuck in one does not act on a polite signal; Lightning kills its children the same way)."""
         if self.launcher is not None:
-            self.launcher.kill(signal.SIGTERM)
+            self.launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
 
     def close(self) -> None:
         """Destroy the group this pipeline created and forget the launcher's variables (the next multirun job
@@ -156,11 +158,19 @@ def start_ranks(cfg: DictConfig) -> DistributedJob:
         )
     # the strategy's own count (its world_size is only known once the environment is set up)
     processes = int(getattr(strategy, "num_nodes", 1)) * int(getattr(strategy, "num_processes", 1))
-    if processes <= 1 and launcher is None:
+    started = int(os.environ.get("WORLD_SIZE", 1) or 1)
+    if processes <= 1 and started > 1:
+        raise PipelineConfigError(
+            f"this job was started as {started} processes (WORLD_SIZE), but the trainer runs one: every process "
+            "would run its own pipeline in the same run dir. Set trainer.devices (and trainer.num_nodes) to match"
+        )
+    environment = strategy.cluster_environment
+    spawns = launcher is not None and environment is not None and not environment.creates_processes_externally
+    if processes <= 1 and not spawns:
         return DistributedJob()
     job = DistributedJob(owns_group=True)
     join_path = None
-    if launcher is not None:  # this process starts the job's other processes on this machine
+    if spawns:  # this process starts the job's other processes on this machine
         if not ENTRY_POINT:
             raise PipelineConfigError(
                 "a multi-process trainer starts its other processes by re-running the command, which only "
@@ -168,6 +178,10 @@ def start_ranks(cfg: DictConfig) -> DistributedJob:
                 "process yourself (torchrun, srun)"
             )
         job.restore_env = {key: os.environ.get(key) for key in (*LAUNCHER_ENV, JOIN_ENV)}
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores (Lightning does so only after starting them)
+            threads = max(1, (os.cpu_count() or 1) // int(getattr(strategy, "num_processes", 1)))
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
         join_path = _write_join_config(cfg)
         os.environ[JOIN_ENV] = join_path
         try:

@@ -47,11 +47,13 @@ class ScoreDataModule(L.LightningDataModule):
         self.writer = self.make_writer(rank, world)
         pending = self.writer.pending_examples()
         self.batches = [pending[i : i + self.batch_size] for i in range(0, len(pending), self.batch_size)]
+        # Filler batches (index -1: scored, never written) keep the ranks in step. Lightning needs a batch on
+        # every rank (a rank whose shards are all done, or that owns none, has none); a sharded model (FSDP)
+        # gathers its weights in every forward, a collective, so there every rank runs as many as the busiest.
+        target = 1
         if self.equal_batches and world > 1:
-            # a sharded model (FSDP) gathers its weights in every forward, a collective: every rank must run
-            # as many batches as the busiest one. Filler batches (index -1) are scored and dropped.
-            most = max(-(-len(self.writer.pending_examples(r)) // self.batch_size) for r in range(world))
-            self.batches += [[FILLER]] * (most - len(self.batches))
+            target = max(-(-len(self.writer.pending_examples(r)) // self.batch_size) for r in range(world))
+        self.batches += [[FILLER]] * (max(target, 1) - len(self.batches))
 
     def _collate(self, indices: list[int]) -> dict:
         batch = self.collate([self.examples[max(i, 0)] for i in indices])

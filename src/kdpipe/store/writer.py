@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -137,9 +138,14 @@ class StoreWriter:
             )
         }
         final = self.path / shard_name(shard)
-        tmp = final.with_name(f".{final.name}.tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, final)
+        # a temp name of this process's own: two jobs scoring the same store at once write identical shards,
+        # and each rename is atomic, so whichever lands last leaves a complete, correct file
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def finalize(self) -> Path:
         """Write ``manifest.json`` (rank 0) once every shard exists; returns its path."""

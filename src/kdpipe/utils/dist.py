@@ -96,7 +96,7 @@ def run_on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if dist.get_rank() == 0:
         try:
             outcome = ("ok", fn(*args, **kwargs))
-        except BaseException as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        except BaseException as err:  # re-raised below, after telling the other ranks
             error = err
             outcome = ("error", f"{type(err).__name__}: {err}")
     status, value = broadcast_object(outcome)
