@@ -82,20 +82,26 @@ def trainer_cfg(*overrides: str, name: str = "npu"):
 
 
 def test_register_is_idempotent_and_imports_no_torch_npu(monkeypatch):
-    monkeypatch.setitem(AcceleratorRegistry, "npu", {})  # restored (or removed) when the test ends
-    del AcceleratorRegistry["npu"]
-    finder = npu_standin.torch_npu_without_cann(monkeypatch)  # any import of torch_npu would be seen (and fail)
-    register()
-    register()
-    assert AcceleratorRegistry["npu"]["accelerator"] is NPUAccelerator
-    assert finder.attempts == 0 and "torch_npu" not in sys.modules
+    # the raw entry, put back at the end (the registry's own .get() would instantiate the accelerator, and an
+    # earlier test's entry point may have registered it already)
+    saved = dict.pop(AcceleratorRegistry, "npu", None)
+    try:
+        finder = npu_standin.torch_npu_without_cann(monkeypatch)  # any import of torch_npu would be seen (and fail)
+        register()
+        register()
+        assert AcceleratorRegistry["npu"]["accelerator"] is NPUAccelerator
+        assert finder.attempts == 0 and "torch_npu" not in sys.modules
 
-    class Other(NPUAccelerator):
-        pass
+        class Other(NPUAccelerator):
+            pass
 
-    AcceleratorRegistry.register("npu", Other, override=True)
-    register()  # someone else's "npu" stays
-    assert AcceleratorRegistry["npu"]["accelerator"] is Other
+        AcceleratorRegistry.register("npu", Other, override=True)
+        register()  # someone else's "npu" stays
+        assert AcceleratorRegistry["npu"]["accelerator"] is Other
+    finally:
+        dict.pop(AcceleratorRegistry, "npu", None)
+        if saved is not None:
+            dict.__setitem__(AcceleratorRegistry, "npu", saved)
 
 
 def test_trainer_npu_config_resolves_strategy_precision_and_device(npu):
