@@ -12,6 +12,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdpipe.pipeline.sharing import find_shared, publish_shared, shared_dir
+from kdpipe.pipeline.sharing import SharedLock, claim_shared, find_shared, publish_shared, shared_dir
 from kdpipe.pipeline.spec import PipelineConfigError, resolve_stages
 from kdpipe.pipeline.stages import STAGE_KINDS, StageContext
 from kdpipe.train import final_metric, train
@@ -198,6 +199,42 @@ def test_a_shared_folder_is_published_once_and_reused_only_if_its_identity_match
         find_shared(ctx)
     other = teacher_context(tiny_cfg, tmp_path, "++pipeline.stages.teacher_sft.max_steps=9")
     assert shared_dir(other) != root and find_shared(other) is None
+
+
+def test_a_job_waits_for_another_job_training_the_same_shared_stage(tiny_cfg, tmp_path):
+    """Two concurrent jobs need one shared teacher: the second waits on the first's lock, then reuses what the
+    first published instead of training it again; a lock whose holder is gone (released) is taken over."""
+    import threading
+
+    ctx = teacher_context(tiny_cfg, tmp_path)
+    root = shared_dir(ctx)
+    found, first = claim_shared(root, lambda: find_shared(ctx), poll_seconds=0.02)
+    assert found is None and first is not None  # nothing published, nobody training: this job trains
+    result: dict = {}
+
+    def second_job() -> None:
+        result["claim"] = claim_shared(root, lambda: find_shared(ctx), poll_seconds=0.02)
+
+    waiter = threading.Thread(target=second_job)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()  # blocked behind the first job's lock
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_text("trained once")
+    publish_shared(ctx, {"accuracy": 0.5}, export)
+    first.release()
+    waiter.join(timeout=10)
+    reused, lock = result["claim"]
+    assert lock is None and reused[1] == root / "export" and reused[0]["shared_from"] == str(root)
+
+    other = teacher_context(tiny_cfg, tmp_path, "++pipeline.stages.teacher_sft.max_steps=9")
+    held = SharedLock(shared_dir(other))
+    assert held.try_acquire()
+    held.release()  # e.g. its job died: the OS drops a dead process's flock the same way
+    found, lock = claim_shared(shared_dir(other), lambda: find_shared(other), poll_seconds=0.02)
+    assert found is None and lock is not None
+    lock.release()
 
 
 # --- wandb -----------------------------------------------------------------------------------------------------

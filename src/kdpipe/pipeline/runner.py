@@ -11,7 +11,7 @@ from rich.console import Console
 from kdpipe.models.vocab import check_shared_vocabulary
 from kdpipe.pipeline.launch import distributed_job
 from kdpipe.pipeline.report import rich_table, write_results
-from kdpipe.pipeline.sharing import find_shared, publish_shared
+from kdpipe.pipeline.sharing import claim_shared, find_shared, publish_shared, shared_dir
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec, resolve_stages
 from kdpipe.pipeline.stages import STAGE_KINDS, StageContext, check_trainer_device, write_stage_metrics
 from kdpipe.pipeline.state import STATE_FILE, PipelineState
@@ -117,18 +117,23 @@ def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> dict:
             cfg, spec, run_dir, stage_dir, state.model_path(spec.model), dict(state.stores), dict(state.rollouts)
         )
         share = bool(spec.config.get("share"))
-        # one decision for all ranks: another job may publish the shared result while they look
-        reused = broadcast_object(find_shared(ctx) if share and rank_zero else None)
-        if reused is not None:
-            metrics, export = reused
-        else:
-            run_kind = STAGE_KINDS[spec.kind]
-            if spec.kind in RANK_ZERO_KINDS:
-                metrics, export = run_on_rank_zero(run_kind, ctx)
+        # one decision for all ranks; a concurrent job training the same shared stage is waited for
+        root = shared_dir(ctx) if share and rank_zero else None  # only rank 0 looks and locks
+        reused, lock = claim_shared(root, lambda ctx=ctx: find_shared(ctx)) if share else (None, None)
+        try:
+            if reused is not None:
+                metrics, export = reused
             else:
-                metrics, export = run_kind(ctx)
-            if share and export is not None:
-                metrics["shared_to"] = str(run_on_rank_zero(publish_shared, ctx, metrics, export))
+                run_kind = STAGE_KINDS[spec.kind]
+                if spec.kind in RANK_ZERO_KINDS:
+                    metrics, export = run_on_rank_zero(run_kind, ctx)
+                else:
+                    metrics, export = run_kind(ctx)
+                if share and export is not None:
+                    metrics["shared_to"] = str(run_on_rank_zero(publish_shared, ctx, metrics, export))
+        finally:
+            if lock is not None:
+                lock.release()
         write_stage_metrics(ctx, metrics)
         state.mark_done(spec.index, metrics, export)
         write_results(state)

@@ -6,25 +6,34 @@ hash of everything that determines its result: the stage's settings, the model a
 settings, its seed, and the weights it starts from. Results live in ``<log_dir>/shared/<stage>-<hash>/``
 (``export/``, ``metrics.json`` and ``identity.json``), published atomically once the stage has finished.
 
-Concurrent jobs (a multirun on submitit or SLURM) may finish the same shared stage at once: each writes its
-own temp folder and the first rename wins; the others drop theirs (their results are equivalent). A folder
+Concurrent jobs (a multirun on submitit or SLURM) that need the same shared stage do not all train it: the
+first takes an exclusive ``flock`` on ``shared/.<stage>-<hash>.lock`` while it trains and publishes, and the
+others wait for the lock, then find the published result (:func:`claim_shared`). The OS drops the lock when
+its holder dies, so a crashed job never blocks the others (the next one trains instead). Publishing is
+atomic all the same: each job writes its own temp folder and the first rename wins (for filesystems where
+``flock`` is not shared between machines, the worst case is duplicated work, never a broken folder). A folder
 is only reused when its ``identity.json`` equals this stage's identity, not on the strength of the hash alone.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from omegaconf import OmegaConf
 from rich.console import Console
 
 from kdpipe.pipeline.spec import PipelineConfigError
+from kdpipe.utils.dist import broadcast_object, is_rank_zero
 from kdpipe.utils.io import atomic_write_json, read_json
 
 console = Console()
@@ -92,3 +101,65 @@ def publish_shared(ctx, metrics: dict, export: Path) -> Path:
             raise
         shutil.rmtree(tmp)  # theirs is equivalent
     return root
+
+
+T = TypeVar("T")
+
+
+class SharedLock:
+    """An exclusive, non-blocking ``flock`` on ``<shared folder>.lock`` (released on :meth:`release` or when
+    the process dies). The lock file itself is left in place: deleting it would race with other jobs."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root.with_name(f".{root.name}.lock")
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def claim_shared(
+    root: Path | None, find: Callable[[], T | None], poll_seconds: float = 5.0
+) -> tuple[T | None, SharedLock | None]:
+    """Either the published result (``find()`` on rank 0, the same on every rank) and no lock, or None and the
+    lock this job now holds (rank 0; None on the other ranks) until it has trained and published the stage.
+    ``root`` (the shared folder, see :func:`shared_dir`) and ``find`` are only used on rank 0.
+
+    While another job holds the lock, every rank waits in short rounds (one small broadcast per round), so a
+    long wait never runs into a process group's collective timeout."""
+    announced = False
+    while True:
+        found, lock, busy = None, None, False
+        if is_rank_zero():
+            found = find()
+            if found is None:
+                assert root is not None, "rank 0 needs the shared folder"
+                lock = SharedLock(root)
+                if not lock.try_acquire():
+                    lock, busy = None, True
+                else:
+                    found = find()  # published between the first look and the lock
+                    if found is not None:
+                        lock.release()
+                        lock = None
+        found, busy = broadcast_object((found, busy))
+        if not busy:
+            return found, lock
+        if is_rank_zero() and not announced:
+            console.print(f"[yellow]another job is training the shared stage {root.name}: waiting for it to publish")
+            announced = True
+        time.sleep(poll_seconds)
