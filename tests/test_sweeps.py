@@ -289,7 +289,8 @@ def test_multirun_over_stage_orders_shares_one_teacher_and_store_and_finishes_wa
     shared = stage(first, "teacher_sft")["metrics"]["shared_to"]
     assert stage(second, "teacher_sft")["metrics"]["shared_from"] == shared
     assert not (jobs[1] / "01_teacher_sft" / "export").exists()
-    assert [p.name for p in (tmp_path / "logs" / "shared").iterdir()] == [Path(shared).name]
+    shared_files = sorted(p.name for p in (tmp_path / "logs" / "shared").iterdir())
+    assert shared_files == [f".{Path(shared).name}.lock", Path(shared).name]  # the lock stays; no temp folders
     # its stores: scored by the first job, found (same path, not rewritten) by the second
     scored, found = stage(first, "score")["metrics"], stage(second, "score")["metrics"]
     started_second = (jobs[1] / ".hydra" / "config.yaml").stat().st_mtime
