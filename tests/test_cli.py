@@ -82,7 +82,7 @@ def test_cache_cli_scores_a_teacher_export_and_reuses_the_store(trained_run, tmp
     ]
     first = run(cmd, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    stores = list((tmp_path / "stores").iterdir())
+    stores = [p for p in (tmp_path / "stores").iterdir() if not p.name.startswith(".")]  # not the lock file
     assert len(stores) == 1 and (stores[0] / "manifest.json").exists()
     again = run(cmd, tmp_path)
     assert again.returncode == 0 and "reused" in again.stdout

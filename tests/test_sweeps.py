@@ -237,6 +237,35 @@ def test_a_job_waits_for_another_job_training_the_same_shared_stage(tiny_cfg, tm
     lock.release()
 
 
+def test_a_job_waits_for_another_job_scoring_the_same_store_then_reuses_it(tiny_cfg, tmp_path, one_thread):
+    """The score stage takes the same lock on its store: while another job holds it, this job waits instead of
+    scoring the store a second time, then reuses the store that job finished."""
+    import shutil
+    import threading
+
+    share = ["++pipeline.stages.teacher_sft.share=true", "++pipeline.stages.teacher_sft.seed=5"]
+    order = "pipeline.order=[teacher_sft,score]"
+    first = train(tiny_cfg(order, *share, run_dir=tmp_path / "a"))
+    store = Path(first["stages"][1]["metrics"]["reasoning_store"]["path"])
+    finished = tmp_path / "finished_store"
+    shutil.move(store, finished)  # as if the other job had not written it yet
+    other_job = SharedLock(store)
+    assert other_job.try_acquire()  # the other job is scoring it
+    result: dict = {}
+    second = threading.Thread(target=lambda: result.update(train(tiny_cfg(order, *share, run_dir=tmp_path / "b"))))
+    second.start()
+    for _ in range(600):  # until the second job is blocked at the lock (it reuses the teacher first)
+        if second.is_alive() and not store.exists() and (tmp_path / "b" / "02_score").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert second.is_alive() and not store.exists()  # waiting, not scoring
+    shutil.move(finished, store)  # the other job finishes its store ...
+    other_job.release()  # ... and lets go
+    second.join(timeout=120)
+    assert result["stages"][1]["metrics"]["reasoning_store"]["reused"] is True
+
+
 # --- wandb -----------------------------------------------------------------------------------------------------
 
 
@@ -299,7 +328,7 @@ def test_multirun_over_stage_orders_shares_one_teacher_and_store_and_finishes_wa
         store = Path(found["stores"][style])
         assert store == Path(scored["stores"][style])
         assert all(f.stat().st_mtime < started_second for f in store.iterdir())
-    assert len(list((tmp_path / "logs" / "stores").iterdir())) == 2
+    assert len([p for p in (tmp_path / "logs" / "stores").iterdir() if not p.name.startswith(".")]) == 2  # + locks
 
     # wandb: one finished offline run per stage each job trained, none carried over from the first job
     run_ids = set()

@@ -9,7 +9,8 @@ settings, its seed, and the weights it starts from. Results live in ``<log_dir>/
 Concurrent jobs (a multirun on submitit or SLURM) that need the same shared stage do not all train it: the
 first takes an exclusive ``flock`` on ``shared/.<stage>-<hash>.lock`` while it trains and publishes, and the
 others wait for the lock, then find the published result (:func:`claim_shared`). The OS drops the lock when
-its holder dies, so a crashed job never blocks the others (the next one trains instead). Publishing is
+its holder dies, so a crashed job never blocks the others (the next one trains instead). The ``score``
+stage claims each teacher store the same way (``.<store>.lock`` beside it). Publishing is
 atomic all the same: each job writes its own temp folder and the first rename wins (for filesystems where
 ``flock`` is not shared between machines, the worst case is duplicated work, never a broken folder). A folder
 is only reused when its ``identity.json`` equals this stage's identity, not on the strength of the hash alone.

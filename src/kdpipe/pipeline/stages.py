@@ -39,13 +39,14 @@ from kdpipe.models.lora import maybe_apply_lora, merged
 from kdpipe.modules import KDModule, SFTModule
 from kdpipe.modules.scorer import TeacherScorer
 from kdpipe.pipeline.launch import shards_weights
+from kdpipe.pipeline.sharing import claim_shared
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
 from kdpipe.store import codec
 from kdpipe.store.callback import ScoreDataModule, StoreWriterCallback
 from kdpipe.store.fingerprint import data_fingerprint, model_fingerprint, tokenizer_fingerprint
 from kdpipe.store.reader import TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
-from kdpipe.utils.dist import broadcast_object, is_rank_zero, rank_zero_console, run_on_rank_zero
+from kdpipe.utils.dist import is_rank_zero, rank_zero_console, run_on_rank_zero
 from kdpipe.utils.io import atomic_replace_dir, atomic_write_json
 from kdpipe.utils.memory import peak_memory_mb
 
@@ -562,13 +563,19 @@ def run_score(ctx: StageContext) -> tuple[dict, None]:
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
         path = Path(str(settings.store_root)).expanduser().resolve() / f"{style}-{split}-k{k}-{key}"
         started = time.perf_counter()
-        reused = broadcast_object((path / MANIFEST).exists())  # rank 0 decides for all: they must agree
-        if reused:
-            console.print(f"reusing teacher store {path}")
-        else:
-            write_store(ctx, model, path, examples, meta, codec.make_spec(len(tokenizer), k))
-            if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
-                model, _ = load_model_and_tokenizer(ctx)
+        # rank 0 decides for all; a concurrent job scoring the same store holds its lock: wait, then reuse it
+        found, lock = claim_shared(path, lambda path=path: True if (path / MANIFEST).exists() else None)
+        reused = found is not None
+        try:
+            if reused:
+                console.print(f"reusing teacher store {path}")
+            else:
+                write_store(ctx, model, path, examples, meta, codec.make_spec(len(tokenizer), k))
+                if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
+                    model, _ = load_model_and_tokenizer(ctx)
+        finally:
+            if lock is not None:
+                lock.release()
         store = TeacherStore(path)
         store.check_compatible(tokenizer, examples)
         nbytes = sum((path / sh["file"]).stat().st_size for sh in store.manifest["shards"])
