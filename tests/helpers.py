@@ -1,4 +1,4 @@
-"""Test-only helpers that configs can point at (``_target_: tests.helpers.X``)."""
+"""Test-only helpers: tiny models, and classes that configs can point at (``_target_: tests.helpers.X``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,20 @@ from unittest import mock
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(tokenizer=None, *, seed: int | None = 0, **config) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden size 32) in eval mode, seeded with ``seed`` (None: the current RNG state);
+    ``tokenizer`` sets the vocabulary size and pad id, and ``config`` replaces any ``LlamaConfig`` field."""
+    fields = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2}  # fmt: skip
+    if tokenizer is not None:
+        fields.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    fields.update(config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
 
 
 class CrashAt(L.Callback):

@@ -180,14 +180,10 @@ def test_composite_averages_normalised_ranks(tokenizer):
 
 
 def _tiny_lm(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.helpers import tiny_llama
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, seed=seed, pad_token_id=None, num_hidden_layers=1, num_key_value_heads=1,
+                      max_position_embeddings=256)  # fmt: skip
 
 
 def test_student_loss_matches_a_per_example_float64_reference_and_is_cached(tokenizer, tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kdpipe.data.arith import generate_split
 from kdpipe.data.collate import Collator
 from kdpipe.data.datamodule import PostTrainDataModule
 from kdpipe.data.encode import IGNORE_INDEX, encode_example
 from kdpipe.losses import token_cross_entropy
+from tests.helpers import tiny_llama
 
 EXAMPLE = {
     "id": "x1",
@@ -51,17 +51,7 @@ def test_padding_collator_pads_right_and_masks(tokenizer):
 
 
 def tiny_model(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tokenizer, seed=seed)
 
 
 def test_packed_batch_gives_the_same_loss_as_a_padded_one(tokenizer):

@@ -247,18 +247,9 @@ def test_kd_collator_asks_the_store_nothing_for_a_placeholder_row():
 
 
 def _tiny_llama(tied: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.helpers import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=20,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(vocab_size=20, hidden_size=8, intermediate_size=16, tie_word_embeddings=tied, seed=None).train()
 
 
 def test_weight_decay_groups_survive_fsdp_flattening():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.data.tokenizer import build_char_tokenizer
@@ -27,6 +27,7 @@ from kdpipe.pipeline.stages import export_model
 from kdpipe.store.fingerprint import tokenizer_fingerprint
 from kdpipe.store.reader import TeacherStore
 from kdpipe.train import train
+from tests import helpers
 from tests.test_store import encoded, write_store
 
 OPT = functools.partial(torch.optim.AdamW, lr=1e-2)
@@ -39,19 +40,8 @@ needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason
 def tiny_llama(tokenizer, tied: bool = True, bias: bool = False, seed: int = 0) -> LlamaForCausalLM:
     """A 2-layer Llama over ``tokenizer``; ``bias`` swaps in an LM head with a bias (tied to the embeddings
     when ``tied``)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=tied,
-    )
-    model = LlamaForCausalLM(config)
+    model = helpers.tiny_llama(tokenizer, seed=seed, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tied)
+    config = model.config
     if bias:
         head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         torch.nn.init.normal_(head.bias, std=0.5)
