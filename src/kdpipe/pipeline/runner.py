@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -11,7 +12,7 @@ from rich.console import Console
 from kdpipe.models.vocab import check_shared_vocabulary
 from kdpipe.pipeline.launch import distributed_job
 from kdpipe.pipeline.report import rich_table, write_results
-from kdpipe.pipeline.sharing import claim_shared, find_shared, publish_shared, shared_dir
+from kdpipe.pipeline.sharing import claimed, find_shared, publish_shared, shared_dir
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec, resolve_stages
 from kdpipe.pipeline.stages import STAGE_KINDS, StageContext, check_trainer_device, write_stage_metrics
 from kdpipe.pipeline.state import STATE_FILE, PipelineState
@@ -119,8 +120,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> dict:
         share = bool(spec.config.get("share"))
         # one decision for all ranks; a concurrent job training the same shared stage is waited for
         root = shared_dir(ctx) if share and rank_zero else None  # only rank 0 looks and locks
-        reused, lock = claim_shared(root, lambda ctx=ctx: find_shared(ctx)) if share else (None, None)
-        try:
+        with claimed(root, lambda ctx=ctx: find_shared(ctx)) if share else nullcontext() as reused:
             if reused is not None:
                 metrics, export = reused
             else:
@@ -131,9 +131,6 @@ def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> dict:
                     metrics, export = run_kind(ctx)
                 if share and export is not None:
                     metrics["shared_to"] = str(run_on_rank_zero(publish_shared, ctx, metrics, export))
-        finally:
-            if lock is not None:
-                lock.release()
         write_stage_metrics(ctx, metrics)
         state.mark_done(spec.index, metrics, export)
         write_results(state)

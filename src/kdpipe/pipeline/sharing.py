@@ -26,7 +26,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -164,3 +165,15 @@ def claim_shared(
             console.print(f"[yellow]another job is training the shared stage {root.name}: waiting for it to publish")
             announced = True
         time.sleep(poll_seconds)
+
+
+@contextmanager
+def claimed(root: Path | None, find: Callable[[], T | None], poll_seconds: float = 5.0) -> Iterator[T | None]:
+    """:func:`claim_shared` as a ``with`` block: yields the published result, or None when this job is to
+    produce it, holding the lock until the block ends (also when it raises)."""
+    found, lock = claim_shared(root, find, poll_seconds)
+    try:
+        yield found
+    finally:
+        if lock is not None:
+            lock.release()

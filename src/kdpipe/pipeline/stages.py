@@ -39,7 +39,7 @@ from kdpipe.models.lora import maybe_apply_lora, merged
 from kdpipe.modules import KDModule, SFTModule
 from kdpipe.modules.scorer import TeacherScorer
 from kdpipe.pipeline.launch import shards_weights
-from kdpipe.pipeline.sharing import claim_shared
+from kdpipe.pipeline.sharing import claimed
 from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
 from kdpipe.store import codec
 from kdpipe.store.callback import ScoreDataModule, StoreWriterCallback
@@ -289,9 +289,7 @@ def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None, onpoli
     ``(rollout records, their store, lambda)`` for a KD stage that mixes in the student's own responses."""
     settings = ctx.settings
     scorer_store = None
-    if (
-        store is None and onpolicy is None and needs_store(settings.curriculum)
-    ):  # e.g. an SFT stage ordered by teacher_nll
+    if store is None and onpolicy is None and needs_store(settings.curriculum):  # e.g. SFT ordered by teacher_nll
         style = stage_styles(settings)[0]
         if style not in ctx.stores:
             raise PipelineConfigError(
@@ -564,18 +562,14 @@ def run_score(ctx: StageContext) -> tuple[dict, None]:
         path = Path(str(settings.store_root)).expanduser().resolve() / f"{style}-{split}-k{k}-{key}"
         started = time.perf_counter()
         # rank 0 decides for all; a concurrent job scoring the same store holds its lock: wait, then reuse it
-        found, lock = claim_shared(path, lambda path=path: True if (path / MANIFEST).exists() else None)
-        reused = found is not None
-        try:
+        with claimed(path, lambda path=path: True if (path / MANIFEST).exists() else None) as found:
+            reused = found is not None
             if reused:
                 console.print(f"reusing teacher store {path}")
             else:
                 write_store(ctx, model, path, examples, meta, codec.make_spec(len(tokenizer), k))
                 if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
                     model, _ = load_model_and_tokenizer(ctx)
-        finally:
-            if lock is not None:
-                lock.release()
         store = TeacherStore(path)
         store.check_compatible(tokenizer, examples)
         nbytes = sum((path / sh["file"]).stat().st_size for sh in store.manifest["shards"])
