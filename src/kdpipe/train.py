@@ -37,28 +37,27 @@ def final_metric(payload: dict, name: str) -> float | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
+def _train_or_exit(cfg: DictConfig, prog: str) -> dict:
+    """:func:`train` for a command: a config error is printed (after ``prog``) and exits with status 2."""
     quiet_third_party()
     register_accelerators()  # Trainer(accelerator="npu"); imports no torch_npu
     try:
-        payload = train(cfg)
+        return train(cfg)
     except PipelineConfigError as err:
-        print(f"kdpipe-train: config error: {err}", file=sys.stderr)
+        print(f"{prog}: config error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    payload = _train_or_exit(cfg, "kdpipe-train")
     return final_metric(payload, str(cfg.get("optimized_metric", "accuracy")))
 
 
 def run_joined_rank(cfg: DictConfig) -> None:
     """A rank that Lightning's launcher started for a running pipeline: run the launching job's config (see
     :mod:`kdpipe.pipeline.launch`), then exit; Hydra never sees the repeated command line."""
-    quiet_third_party()
-    register_accelerators()
-    try:
-        train(cfg)
-    except PipelineConfigError as err:
-        print(f"kdpipe-train (rank {global_rank()}): config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    _train_or_exit(cfg, f"kdpipe-train (rank {global_rank()})")
 
 
 def main() -> None:
