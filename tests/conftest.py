@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from kdpipe.data.tokenizer import build_char_tokenizer
+from kdpipe.models.tokenizer import build_char_tokenizer
 from kdpipe.utils.paths import config_dir
 from kdpipe.utils.quiet import quiet_third_party
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kdpipe.aggregate import aggregate, main
+from kdpipe.cli.aggregate import aggregate, main
 from kdpipe.utils.paths import config_dir
 from tests.test_cli import BIN, run
 

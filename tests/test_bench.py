@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kdpipe.bench import main
+from kdpipe.cli.bench import main
 
 
 def test_store_bench_writes_its_figures(tmp_path):

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from kdpipe.data.arith import generate_split
 from kdpipe.data.collate import Collator
 from kdpipe.data.datamodule import PostTrainDataModule
-from kdpipe.data.encode import IGNORE_INDEX, encode_example
+from kdpipe.types import IGNORE_INDEX
+from kdpipe.data.encode import encode_example
 from kdpipe.losses import token_cross_entropy
 from tests.helpers import tiny_llama
 

@@ -32,16 +32,16 @@ from safetensors.torch import load_file
 
 from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler, WithPlaceholders, rank_share_of
-from kdpipe.data.encode import IGNORE_INDEX, EncodedExample
+from kdpipe.types import IGNORE_INDEX, EncodedExample
 from kdpipe.losses import combine_terms, fused_sparse_kd_terms, sparse_kd_terms
 from kdpipe.models.fsdp import DecoderLayerPolicy
 from kdpipe.models.heads import lm_head
 from kdpipe.modules.sft import local_denominators, matrix_names, param_groups, rank_share
-from kdpipe.pipeline import launch
-from kdpipe.pipeline.spec import PipelineConfigError
+from kdpipe.lightning import launch
+from kdpipe.errors import PipelineConfigError
 from kdpipe.pipeline.stages import instantiate_trainer
 from kdpipe.store.reader import TeacherRows
-from kdpipe.train import train
+from kdpipe.cli.train import train
 from kdpipe.utils import dist as kdist
 from tests.conftest import compose_cfg
 
@@ -511,7 +511,7 @@ def test_a_multirun_starts_fresh_ranks_for_every_job(tmp_path):
 def test_ranks_started_by_torchrun_share_rank_zeros_run_dir(tmp_path):
     """torchrun starts both ranks; each composes its own config (run dirs from ${now} may differ by a second),
     they run in rank 0's, and only rank 0's Hydra writes its config copy and log."""
-    command = [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "kdpipe.train"]
+    command = [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "kdpipe.cli.train"]
     args = [*TINY, "pipeline.order=[sft_fast]", *SMALL[:1], "pipeline.stages.sft_fast.max_steps=2", "trainer=ddp_cpu"]
     kdpipe_train([], tmp_path, command=[*command, *args])
     runs = [p for p in (tmp_path / "logs" / "runs").iterdir() if any(p.iterdir())]

@@ -7,8 +7,14 @@ import itertools
 import pytest
 import torch
 
-from kdpipe.losses import fused_sparse_kd_loss, fused_sparse_kd_terms, sparse_kd_loss, token_cross_entropy
-from kdpipe.losses.kd import DIVERGENCES, TAIL_MODES
+from kdpipe.losses import (
+    KDLossSettings,
+    fused_sparse_kd_loss,
+    fused_sparse_kd_terms,
+    sparse_kd_loss,
+    token_cross_entropy,
+)
+from kdpipe.losses.settings import DIVERGENCES, TAIL_MODES
 
 B, T, H, V, K = 2, 7, 8, 24, 5
 
@@ -35,17 +41,20 @@ def make_case(seed: int, dtype=torch.float64, k: int = K, bias: bool = True):
 
 
 def reference(leaves, teacher, **opts):
-    """The plain path in float64: materialise the logits, call sparse_kd_loss, autograd."""
+    """The plain path in float64: materialise the logits, call sparse_kd_loss, autograd (``opts``: the fields of
+    ``KDLossSettings``)."""
     leaves64 = [x.detach().double().requires_grad_(True) for x in leaves]
     h, w, *b = leaves64
     logits = h @ w.t() + (b[0] if b else 0.0)
     ids, lp, tail, labels, has_teacher = teacher
-    loss = sparse_kd_loss(logits, ids, lp.double(), tail.double(), labels, has_teacher=has_teacher, **opts)
+    settings = KDLossSettings(**opts)
+    loss = sparse_kd_loss(logits, ids, lp.double(), tail.double(), labels, settings, has_teacher=has_teacher)
     grads = torch.autograd.grad(loss, leaves64)
     return loss.detach(), grads
 
 
-def fused(leaves, teacher, chunk_size=4, **opts):
+def fused(leaves, teacher, chunk_size=4, backend="auto", **opts):
+    """The fused loss and its gradients (``opts``: the fields of ``KDLossSettings``)."""
     h, w, *b = leaves
     ids, lp, tail, labels, has_teacher = teacher
     loss = fused_sparse_kd_loss(
@@ -55,10 +64,11 @@ def fused(leaves, teacher, chunk_size=4, **opts):
         lp,
         tail,
         labels,
+        KDLossSettings(**opts),
         lm_head_bias=b[0] if b else None,
         has_teacher=has_teacher,
         chunk_size=chunk_size,
-        **opts,
+        backend=backend,
     )
     grads = torch.autograd.grad(loss, leaves)
     return loss.detach(), grads
@@ -107,7 +117,7 @@ def test_full_vocabulary_no_bias_and_tied_weights():
     ids = torch.randint(0, V, (B, T))
     _, (_, _, _, labels, _) = make_case(seed=3)
     h = emb(ids)
-    loss = fused_sparse_kd_loss(h, emb.weight, None, None, None, labels, ce_weight=1.0, chunk_size=4)
+    loss = fused_sparse_kd_loss(h, emb.weight, None, None, None, labels, KDLossSettings(ce_weight=1.0), chunk_size=4)
     loss.backward()
     emb2 = torch.nn.Embedding(V, H, dtype=torch.float64)
     emb2.weight.data.copy_(emb.weight.data)
@@ -120,13 +130,15 @@ def test_full_vocabulary_no_bias_and_tied_weights():
 def test_plain_fused_cross_entropy_equals_token_cross_entropy():
     leaves, (_, _, _, labels, _) = make_case(seed=5, dtype=torch.float32)
     h, w, b = leaves
-    loss = fused_sparse_kd_loss(h, w, None, None, None, labels, lm_head_bias=b, ce_weight=1.0, chunk_size=3)
+    loss = fused_sparse_kd_loss(
+        h, w, None, None, None, labels, KDLossSettings(ce_weight=1.0), lm_head_bias=b, chunk_size=3
+    )
     logits = h.double() @ w.double().t() + b.double()
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
     assert_close(loss.detach(), ref.detach(), rtol=1e-6)
     assert_close(token_cross_entropy(logits, labels).detach(), ref.detach(), rtol=1e-6)
     with pytest.raises(ValueError, match="only plain cross-entropy"):
-        fused_sparse_kd_loss(h, w, None, None, None, labels, ce_weight=0.5)
+        fused_sparse_kd_loss(h, w, None, None, None, labels, KDLossSettings(ce_weight=0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

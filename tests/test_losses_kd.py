@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from kdpipe.losses import sparse_kd_loss, sparse_kd_terms, token_cross_entropy
-from kdpipe.losses.kd import DIVERGENCES, TAIL_MODES
+from kdpipe.losses import KDLossSettings, combine_terms, sparse_kd_loss, sparse_kd_terms, token_cross_entropy
+from kdpipe.losses.settings import DIVERGENCES, TAIL_MODES
 
 IGN = -100
 
@@ -114,7 +115,9 @@ def test_full_vocab_bucket_is_the_full_divergence(name, beta, temperature):
     v = 7
     student, ids, lps, _, labels, p_full = make_batch(v=v, k=v, seed=1)
     tail = torch.full(labels.shape, -math.inf, dtype=torch.float64)
-    loss = sparse_kd_loss(student, ids, lps, tail, labels, divergence=name, beta=beta, temperature=temperature)
+    loss = sparse_kd_loss(
+        student, ids, lps, tail, labels, KDLossSettings(divergence=name, beta=beta, temperature=temperature)
+    )
     ref = ref_positions(student, ids, p_full, labels, name, beta, temperature)
     assert loss.dtype == torch.float64
     assert abs(loss.item() - token_mean(ref, labels != IGN)) < 1e-10
@@ -127,12 +130,22 @@ def test_full_vocab_bucket_is_the_full_divergence(name, beta, temperature):
 def test_binned_divergence_matches_reference(name, tail, beta, temperature):
     student, ids, lps, tail_lp, labels, p_full = make_batch(v=9, k=4, seed=2)
     terms = sparse_kd_terms(
-        student, ids, lps, tail_lp, labels, divergence=name, tail=tail, beta=beta, temperature=temperature
+        student,
+        ids,
+        lps,
+        tail_lp,
+        labels,
+        KDLossSettings(divergence=name, tail=tail, beta=beta, temperature=temperature),
     )
     ref = ref_positions(student, ids, p_full, labels, name, beta, temperature, tail)
     torch.testing.assert_close(terms.divergence, ref, rtol=0, atol=1e-10)
     loss = sparse_kd_loss(
-        student, ids, lps, tail_lp, labels, divergence=name, tail=tail, beta=beta, temperature=temperature
+        student,
+        ids,
+        lps,
+        tail_lp,
+        labels,
+        KDLossSettings(divergence=name, tail=tail, beta=beta, temperature=temperature),
     )
     assert abs(loss.item() - token_mean(ref, labels != IGN)) < 1e-10
 
@@ -140,7 +153,7 @@ def test_binned_divergence_matches_reference(name, tail, beta, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_scale_by_t2_can_be_turned_off(temperature):
     student, ids, lps, tail, labels, p_full = make_batch(seed=3)
-    loss = sparse_kd_loss(student, ids, lps, tail, labels, temperature=temperature, scale_by_t2=False)
+    loss = sparse_kd_loss(student, ids, lps, tail, labels, KDLossSettings(temperature=temperature, scale_by_t2=False))
     ref = ref_positions(student, ids, p_full, labels, "fkl", 0.5, temperature, scale=False)
     assert abs(loss.item() - token_mean(ref, labels != IGN)) < 1e-10
 
@@ -149,7 +162,7 @@ def test_beta_limits_are_zero_fkl_and_rkl():
     batch = make_batch(seed=4)
 
     def kd(**kw) -> float:
-        return sparse_kd_loss(*batch[:5], **kw).item()
+        return sparse_kd_loss(*batch[:5], KDLossSettings(**kw)).item()
 
     assert kd(divergence="jsd", beta=0.0) == 0.0 == kd(divergence="jsd", beta=1.0)
     assert kd(divergence="skew_fkl", beta=1.0) == 0.0 == kd(divergence="skew_rkl", beta=1.0)
@@ -157,7 +170,7 @@ def test_beta_limits_are_zero_fkl_and_rkl():
     assert kd(divergence="skew_rkl", beta=0.0) == pytest.approx(kd(divergence="rkl"), abs=1e-12)
     # the zero limits still backpropagate (to zero gradients)
     student = batch[0].clone().requires_grad_(True)
-    sparse_kd_loss(student, *batch[1:5], divergence="jsd", beta=1.0).backward()
+    sparse_kd_loss(student, *batch[1:5], KDLossSettings(divergence="jsd", beta=1.0)).backward()
     assert torch.equal(student.grad, torch.zeros_like(student))
 
 
@@ -166,11 +179,13 @@ def test_beta_limits_are_zero_fkl_and_rkl():
 
 def test_ce_weight_one_is_token_cross_entropy():
     student, ids, lps, tail, labels, _ = make_batch(seed=5, dtype=torch.float32)
-    loss = sparse_kd_loss(student, ids, lps, tail, labels, ce_weight=1.0, divergence="rkl", temperature=2.0)
+    loss = sparse_kd_loss(
+        student, ids, lps, tail, labels, KDLossSettings(ce_weight=1.0, divergence="rkl", temperature=2.0)
+    )
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, token_cross_entropy(student, labels), rtol=0, atol=0)
     x, y = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
-    sparse_kd_loss(x, ids, lps, tail, labels, ce_weight=1.0).backward()
+    sparse_kd_loss(x, ids, lps, tail, labels, KDLossSettings(ce_weight=1.0)).backward()
     token_cross_entropy(y, labels).backward()
     torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=0)
 
@@ -179,7 +194,9 @@ def test_ce_weight_one_is_token_cross_entropy():
 @pytest.mark.parametrize("name", ["fkl", "jsd"])
 def test_ce_weight_mixes_ce_and_divergence(ce_weight, name):
     student, ids, lps, tail, labels, p_full = make_batch(seed=6)
-    loss = sparse_kd_loss(student, ids, lps, tail, labels, ce_weight=ce_weight, divergence=name, temperature=2.0)
+    loss = sparse_kd_loss(
+        student, ids, lps, tail, labels, KDLossSettings(ce_weight=ce_weight, divergence=name, temperature=2.0)
+    )
     mask = labels != IGN
     div = token_mean(ref_positions(student, ids, p_full, labels, name, 0.5, 2.0), mask)
     ce = token_mean(ref_ce(student, labels), mask)
@@ -198,15 +215,15 @@ def test_token_and_sequence_normalization(ce_weight):
     token = mix.sum().item() / 5
     sequence = (mix[0].sum().item() / 4 + mix[1].sum().item() / 1) / 2  # the empty row does not count
     assert token != pytest.approx(sequence)
-    got_token = sparse_kd_loss(student, ids, lps, tail, labels, ce_weight=ce_weight, normalize="token")
-    got_seq = sparse_kd_loss(student, ids, lps, tail, labels, ce_weight=ce_weight, normalize="sequence")
+    got_token = sparse_kd_loss(student, ids, lps, tail, labels, KDLossSettings(ce_weight=ce_weight, normalize="token"))
+    got_seq = sparse_kd_loss(student, ids, lps, tail, labels, KDLossSettings(ce_weight=ce_weight, normalize="sequence"))
     assert abs(got_token.item() - token) < 1e-10
     assert abs(got_seq.item() - sequence) < 1e-10
 
 
 def test_flat_input_matches_batched_and_rejects_sequence():
     student, ids, lps, tail, labels, _ = make_batch(seed=8)
-    batched = sparse_kd_loss(student, ids, lps, tail, labels, divergence="jsd", ce_weight=0.3)
+    batched = sparse_kd_loss(student, ids, lps, tail, labels, KDLossSettings(divergence="jsd", ce_weight=0.3))
     v, k = student.shape[-1], ids.shape[-1]
     flat = sparse_kd_loss(
         student.reshape(-1, v),
@@ -214,20 +231,21 @@ def test_flat_input_matches_batched_and_rejects_sequence():
         lps.reshape(-1, k),
         tail.reshape(-1),
         labels.reshape(-1),
-        divergence="jsd",
-        ce_weight=0.3,
+        KDLossSettings(divergence="jsd", ce_weight=0.3),
     )
     torch.testing.assert_close(flat, batched, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="sequence"):
         flat_args = (student.reshape(-1, v), ids.reshape(-1, k), lps.reshape(-1, k), tail.reshape(-1))
-        sparse_kd_loss(*flat_args, labels.reshape(-1), normalize="sequence")
+        sparse_kd_loss(*flat_args, labels.reshape(-1), KDLossSettings(normalize="sequence"))
 
 
 @pytest.mark.parametrize("tail_mode", TAIL_MODES)
 def test_ignored_positions_do_not_count(tail_mode):
     student, ids, lps, tail, labels, _ = make_batch(seed=9)
     labels[1, 2] = IGN
-    base = sparse_kd_loss(student, ids, lps, tail, labels, tail=tail_mode, ce_weight=0.3, divergence="rkl")
+    base = sparse_kd_loss(
+        student, ids, lps, tail, labels, KDLossSettings(tail=tail_mode, ce_weight=0.3, divergence="rkl")
+    )
     # anything at ignored positions, garbage teacher data included, changes nothing and gets no gradient
     student2 = student.clone()
     student2[0, 0] = 50.0
@@ -235,7 +253,9 @@ def test_ignored_positions_do_not_count(tail_mode):
     lps2, ids2, tail2 = lps.clone(), ids.clone(), tail.clone()
     lps2[0, 0], ids2[0, 0], tail2[0, 0] = float("nan"), -1, float("nan")
     student2.requires_grad_(True)
-    loss = sparse_kd_loss(student2, ids2, lps2, tail2, labels, tail=tail_mode, ce_weight=0.3, divergence="rkl")
+    loss = sparse_kd_loss(
+        student2, ids2, lps2, tail2, labels, KDLossSettings(tail=tail_mode, ce_weight=0.3, divergence="rkl")
+    )
     torch.testing.assert_close(loss, base, rtol=0, atol=1e-12)
     loss.backward()
     assert torch.isfinite(student2.grad).all()
@@ -251,7 +271,13 @@ def test_positions_without_teacher_get_ce_only(normalize):
     student.requires_grad_(True)
     ce_weight = 0.4
     loss = sparse_kd_loss(
-        student, ids, lps, tail, labels, ce_weight=ce_weight, has_teacher=has_teacher, normalize=normalize
+        student,
+        ids,
+        lps,
+        tail,
+        labels,
+        KDLossSettings(ce_weight=ce_weight, normalize=normalize),
+        has_teacher=has_teacher,
     )
     div = ref_positions(student.detach(), ids.clamp(min=0), p_full, labels, "fkl", 0.5)
     ce = ref_ce(student.detach(), labels)
@@ -290,7 +316,7 @@ def test_diagnostics():
 
 def test_low_precision_input_computes_in_float32():
     student, ids, lps, tail, labels, p_full = make_batch(seed=12)
-    loss = sparse_kd_loss(student.bfloat16(), ids, lps.float(), tail.float(), labels, divergence="jsd")
+    loss = sparse_kd_loss(student.bfloat16(), ids, lps.float(), tail.float(), labels, KDLossSettings(divergence="jsd"))
     assert loss.dtype == torch.float32
     ref = ref_positions(student.bfloat16(), ids, p_full, labels, "jsd", 0.5)
     assert loss.item() == pytest.approx(token_mean(ref, labels != IGN), abs=1e-5)
@@ -306,7 +332,9 @@ def test_gradcheck(name, tail):
     student.requires_grad_(True)
 
     def f(x):
-        return sparse_kd_loss(x, ids, lps, tail_lp, labels, divergence=name, tail=tail, beta=0.3, temperature=1.7)
+        return sparse_kd_loss(
+            x, ids, lps, tail_lp, labels, KDLossSettings(divergence=name, tail=tail, beta=0.3, temperature=1.7)
+        )
 
     assert torch.autograd.gradcheck(f, (student,))
 
@@ -318,7 +346,9 @@ def test_gradcheck_full_vocab_with_ce(name):
     student.requires_grad_(True)
 
     def f(x):
-        return sparse_kd_loss(x, ids, lps, tail, labels, divergence=name, ce_weight=0.3, normalize="sequence")
+        return sparse_kd_loss(
+            x, ids, lps, tail, labels, KDLossSettings(divergence=name, ce_weight=0.3, normalize="sequence")
+        )
 
     assert torch.autograd.gradcheck(f, (student,))
 
@@ -339,8 +369,12 @@ def test_zero_mass_teacher_bins_give_no_nan(name, tail, k):
     lps[0, 1] = torch.log_softmax(lps[0, 1], -1) + math.log1p(-tail_lp[0, 1].exp())
     for beta in (0.0, 0.5, 1.0):
         x = student.clone().requires_grad_(True)
-        terms = sparse_kd_terms(x, ids, lps, tail_lp, labels, divergence=name, tail=tail, beta=beta, temperature=2.0)
-        loss = sparse_kd_loss(x, ids, lps, tail_lp, labels, divergence=name, tail=tail, beta=beta, temperature=2.0)
+        terms = sparse_kd_terms(
+            x, ids, lps, tail_lp, labels, KDLossSettings(divergence=name, tail=tail, beta=beta, temperature=2.0)
+        )
+        loss = sparse_kd_loss(
+            x, ids, lps, tail_lp, labels, KDLossSettings(divergence=name, tail=tail, beta=beta, temperature=2.0)
+        )
         assert torch.isfinite(terms.divergence).all() and torch.isfinite(loss)
         loss.backward()
         assert torch.isfinite(x.grad).all()
@@ -368,7 +402,9 @@ def test_vocab_masked_on_both_sides_gives_no_nan(name, tail, k):
     tail_lp = torch.log(1 - lps.exp().sum(-1)).clamp(max=-math.inf if k >= 5 else 0.0)
     for beta in (0.0, 0.3, 1.0):
         x = student.clone().requires_grad_(True)
-        loss = sparse_kd_loss(x, ids, lps, tail_lp, labels, divergence=name, tail=tail, beta=beta, temperature=1.5)
+        loss = sparse_kd_loss(
+            x, ids, lps, tail_lp, labels, KDLossSettings(divergence=name, tail=tail, beta=beta, temperature=1.5)
+        )
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
         ref = ref_positions(student, ids, p_full, labels, name, beta, 1.5, tail)
@@ -380,7 +416,7 @@ def test_full_vocab_ignores_a_rounding_tail():
     student, ids, lps, tail, labels, p_full = make_batch(v=6, k=6, seed=19)
     noisy = torch.full_like(tail, math.log(1e-16))
     for name in DIVERGENCES:
-        loss = sparse_kd_loss(student, ids, lps, noisy, labels, divergence=name)
+        loss = sparse_kd_loss(student, ids, lps, noisy, labels, KDLossSettings(divergence=name))
         ref = ref_positions(student, ids, p_full, labels, name, 0.5)
         assert abs(loss.item() - token_mean(ref, labels != IGN)) < 1e-10
 
@@ -394,15 +430,54 @@ def test_full_vocab_ignores_a_rounding_tail():
         ({"divergence": "kl"}, "divergence 'kl'.*fkl, rkl, jsd, skew_fkl, skew_rkl, tvd"),
         ({"tail": "drop"}, "tail 'drop'.*bucket, renormalize, ignore"),
         ({"normalize": "batch"}, "normalize 'batch'.*token, sequence"),
-        ({"beta": 1.5}, "beta"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"ce_weight": -0.1}, "ce_weight"),
+        ({"beta": 1.5}, r"beta must be in \[0, 1\], got 1.5"),
+        ({"beta": -0.1}, r"beta must be in \[0, 1\], got -0.1"),
+        ({"beta": "0.5"}, "beta must be a number"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"ce_weight": -0.1}, r"ce_weight must be in \[0, 1\], got -0.1"),
+        ({"ce_weight": 1.5}, r"ce_weight must be in \[0, 1\], got 1.5"),
+        ({"ce_weight": True}, "ce_weight must be a number"),
+        ({"scale_by_t2": "yes"}, "scale_by_t2 must be true or false"),
+        ({"ignore_index": 1.5}, "ignore_index must be an integer"),
     ],
 )
-def test_bad_options_raise(kwargs, match):
-    batch = make_batch(seed=16)
+def test_settings_refuse_bad_values_naming_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        KDLossSettings(**kwargs)
+    with pytest.raises(ValueError, match=match):  # a change of good settings is validated again
+        KDLossSettings().replace(**kwargs)
+    batch = make_batch(seed=16)
+    with pytest.raises(ValueError, match=match):  # the loss functions' keyword overrides go through them too
         sparse_kd_loss(*batch[:5], **kwargs)
+
+
+def test_settings_from_a_loss_config():
+    cfg = {"divergence": "jsd", "beta": 0, "temperature": 2, "ce_weight": 1, "tail": "renormalize"}
+    settings = KDLossSettings(**cfg)  # YAML integers become floats
+    assert (settings.beta, settings.temperature, settings.ce_weight) == (0.0, 2.0, 1.0)
+    assert isinstance(settings.temperature, float) and settings.normalize == "token"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.ce_weight = 0.5
+    with pytest.raises(TypeError, match="chunk_size"):
+        KDLossSettings(**cfg, chunk_size=4)  # not a loss setting
+    batch = make_batch(seed=16)
+    with pytest.raises(TypeError, match="settings must be a KDLossSettings"):
+        sparse_kd_loss(*batch[:5], cfg)
+
+
+def test_keyword_overrides_equal_settings_and_terms_keep_theirs():
+    student, ids, lps, tail, labels, _ = make_batch(seed=20)
+    settings = KDLossSettings(divergence="jsd", beta=0.3, ce_weight=0.4, normalize="sequence")
+    loss = sparse_kd_loss(student, ids, lps, tail, labels, settings)
+    same = sparse_kd_loss(
+        student, ids, lps, tail, labels, divergence="jsd", beta=0.3, ce_weight=0.4, normalize="sequence"
+    )
+    assert torch.equal(loss, same)
+    changed = sparse_kd_loss(student, ids, lps, tail, labels, settings, ce_weight=0.0)
+    assert torch.equal(changed, sparse_kd_loss(student, ids, lps, tail, labels, settings.replace(ce_weight=0.0)))
+    terms = sparse_kd_terms(student, ids, lps, tail, labels, settings)
+    assert terms.settings == settings and torch.equal(combine_terms(terms), loss)
+    assert torch.equal(combine_terms(terms, ce_weight=0.0), changed)  # reduced by other settings when told
 
 
 def test_bad_shapes_raise():

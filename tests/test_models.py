@@ -15,18 +15,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from kdpipe.data.collate import Collator, KDCollator
-from kdpipe.data.tokenizer import build_char_tokenizer
+from kdpipe.models.tokenizer import build_char_tokenizer
 from kdpipe.models.factory import build_model, build_tokenizer, load_options, resolve_path
 from kdpipe.models.heads import lm_head
 from kdpipe.models.lora import apply_lora, is_peft_model
 from kdpipe.models.vocab import teacher_student_pairs, vocabulary_differences
 from kdpipe.modules import KDModule, SFTModule
 from kdpipe.pipeline.runner import prepare
-from kdpipe.pipeline.spec import PipelineConfigError
+from kdpipe.errors import PipelineConfigError
 from kdpipe.pipeline.stages import export_model
-from kdpipe.store.fingerprint import tokenizer_fingerprint
+from kdpipe.models.fingerprint import tokenizer_fingerprint
 from kdpipe.store.reader import TeacherStore
-from kdpipe.train import train
+from kdpipe.cli.train import train
 from tests import helpers
 from tests.test_store import encoded, write_store
 

@@ -32,12 +32,12 @@ from kdpipe.accelerators import (
     register,
     require_npu,
 )
-from kdpipe.cache import cache
+from kdpipe.cli.score import score
 from kdpipe.data.collate import Collator, KDCollator
-from kdpipe.evaluate import evaluate
+from kdpipe.cli.eval import evaluate
 from kdpipe.losses import fused_sparse_kd_loss, fused_sparse_kd_terms
 from kdpipe.modules import KDModule, SFTModule
-from kdpipe.pipeline.spec import PipelineConfigError, resolve_stages
+from kdpipe.errors import PipelineConfigError, resolve_stages
 from kdpipe.pipeline.stages import (
     STAGE_KINDS,
     StageContext,
@@ -48,7 +48,7 @@ from kdpipe.pipeline.stages import (
     run_score,
 )
 from kdpipe.store.reader import TeacherStore
-from kdpipe.train import train
+from kdpipe.cli.train import train
 from tests import npu_standin
 from tests.conftest import compose_cfg
 from tests.test_data import tiny_model

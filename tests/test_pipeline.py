@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdpipe.pipeline.spec import PipelineConfigError
-from kdpipe.train import train
+from kdpipe.errors import PipelineConfigError
+from kdpipe.cli.train import train
 
 
 def test_tiny_pipeline_writes_every_output(tiny_cfg, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdpipe.train import train
+from kdpipe.cli.train import train
 from kdpipe.utils.paths import config_dir
 
 PRESETS = sorted(p.stem for p in (Path(config_dir()) / "pipeline" / "preset").glob("*.yaml"))
@@ -44,7 +44,7 @@ def test_onpolicy_kd_trains_on_the_students_scored_rollouts(tiny_cfg, tmp_path, 
 
 
 def test_onpolicy_kd_without_rollouts_is_refused(tiny_cfg):
-    from kdpipe.pipeline.spec import PipelineConfigError
+    from kdpipe.errors import PipelineConfigError
 
     with pytest.raises(PipelineConfigError, match="rollout"):
         train(tiny_cfg("pipeline.order=[teacher_sft,score,kd_fast_onpolicy]"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kdpipe.models.check_export import generate_from_export, last_export
-from kdpipe.train import train
+from kdpipe.cli.train import train
 from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

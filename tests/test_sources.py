@@ -10,7 +10,8 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.datamodule import PostTrainDataModule, encode_examples
-from kdpipe.data.encode import IGNORE_INDEX, encode_example, to_messages
+from kdpipe.types import IGNORE_INDEX
+from kdpipe.data.encode import encode_example, to_messages
 from kdpipe.data.records import DataError
 from kdpipe.data.scorers import example_scores
 from kdpipe.data.sources import load_examples, load_split

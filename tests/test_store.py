@@ -12,11 +12,13 @@ import torch
 
 from kdpipe.data.arith import generate_split
 from kdpipe.data.collate import Collator, KDCollator
-from kdpipe.data.encode import IGNORE_INDEX, encode_example
-from kdpipe.data.tokenizer import build_char_tokenizer
+from kdpipe.types import IGNORE_INDEX
+from kdpipe.data.encode import encode_example
+from kdpipe.models.tokenizer import build_char_tokenizer
 from kdpipe.modules.scorer import topk_signal
 from kdpipe.store import codec
-from kdpipe.store.fingerprint import data_fingerprint, tokenizer_fingerprint
+from kdpipe.models.fingerprint import tokenizer_fingerprint
+from kdpipe.store.fingerprint import data_fingerprint
 from kdpipe.store.reader import StoreError, TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
 
@@ -159,7 +161,7 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from kdpipe.store import writer as w
 from tests.test_store import encoded, write_store
-from kdpipe.data.tokenizer import build_char_tokenizer
+from kdpipe.models.tokenizer import build_char_tokenizer
 kill_after = int(sys.argv[2])
 original = w.StoreWriter._write_shard
 written = []

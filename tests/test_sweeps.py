@@ -21,9 +21,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kdpipe.pipeline.sharing import SharedLock, claim_shared, find_shared, publish_shared, shared_dir
-from kdpipe.pipeline.spec import PipelineConfigError, resolve_stages
+from kdpipe.errors import PipelineConfigError, resolve_stages
 from kdpipe.pipeline.stages import STAGE_KINDS, StageContext
-from kdpipe.train import final_metric, train
+from kdpipe.cli.train import final_metric, train
 from kdpipe.utils.paths import config_dir
 
 BIN = Path(sys.executable).parent

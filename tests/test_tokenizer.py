@@ -6,7 +6,7 @@ import string
 
 from transformers import AutoTokenizer
 
-from kdpipe.data.tokenizer import IM_END, IM_START
+from kdpipe.models.tokenizer import IM_END, IM_START
 
 
 def test_round_trip_of_printable_text(tokenizer):

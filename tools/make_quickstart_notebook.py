@@ -110,13 +110,13 @@ CELLS: list[tuple] = [
         from kdpipe.data.datamodule import PostTrainDataModule
         from kdpipe.data.encode import IGNORE_INDEX, system_prompt_for
         from kdpipe.data.sources import load_examples
-        from kdpipe.data.tokenizer import build_char_tokenizer
+        from kdpipe.models.tokenizer import build_char_tokenizer
         from kdpipe.eval import evaluate_model
         from kdpipe.models.factory import build_model, count_parameters
         from kdpipe.modules import KDModule, SFTModule
         from kdpipe.modules.scorer import TeacherScorer
         from kdpipe.store import codec
-        from kdpipe.store.callback import ScoreDataModule, StoreWriterCallback
+        from kdpipe.engines.predict_writer import ScoreDataModule, StoreWriterCallback
         from kdpipe.store.fingerprint import data_fingerprint, model_fingerprint, tokenizer_fingerprint
         from kdpipe.store.reader import TeacherStore
         from kdpipe.store.writer import MANIFEST, StoreWriter

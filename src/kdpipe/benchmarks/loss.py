@@ -44,20 +44,21 @@ def make_inputs(n: int, h: int, v: int, k: int, device: str, seed: int = 0):
 
 def run_case(case: str, shape: str, device: str, repeats: int, warmup: int, chunk_size: int | None) -> dict:
     """Time and peak memory of one case (call in a fresh process)."""
-    from kdpipe.losses import fused_sparse_kd_loss, sparse_kd_loss
+    from kdpipe.losses import KDLossSettings, fused_sparse_kd_loss, sparse_kd_loss
 
     n, h, v, k = parse_shape(shape)
     hidden, weight, ids, logprobs, tail, labels = make_inputs(n, h, v, k, device)
-    opts = {"divergence": "fkl", "ce_weight": 0.5}
+    settings = KDLossSettings(divergence="fkl", ce_weight=0.5)
 
     def step():
         if case == "floor":
             logits = hidden @ weight.t()
             logits.backward(torch.ones_like(logits))
         elif case == "plain":
-            sparse_kd_loss(hidden @ weight.t(), ids, logprobs, tail, labels, **opts).backward()
+            sparse_kd_loss(hidden @ weight.t(), ids, logprobs, tail, labels, settings).backward()
         else:
-            fused_sparse_kd_loss(hidden, weight, ids, logprobs, tail, labels, chunk_size=chunk_size, **opts).backward()
+            loss = fused_sparse_kd_loss(hidden, weight, ids, logprobs, tail, labels, settings, chunk_size=chunk_size)
+            loss.backward()
         hidden.grad = weight.grad = None
         if device.startswith("cuda"):
             torch.cuda.synchronize()

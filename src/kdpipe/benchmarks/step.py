@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from kdpipe.benchmarks.store import synthetic_teacher
 from kdpipe.data.collate import Collator, KDCollator
-from kdpipe.data.encode import IGNORE_INDEX, EncodedExample
+from kdpipe.types import IGNORE_INDEX, EncodedExample
+from kdpipe.losses import KDLossSettings
 from kdpipe.modules import KDModule, SFTModule
 from kdpipe.store import codec
 from kdpipe.store.reader import TeacherStore
@@ -93,7 +94,7 @@ def build_store(path: Path, examples: list[EncodedExample], vocab: int, k: int) 
 
 def one_step(module, optimizer, batch, kd: bool) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = module.fused_terms(batch, **module.loss_options).loss if kd else module.loss(batch)
+        loss = module.fused_terms(batch, KDLossSettings(**module.loss_options)).loss if kd else module.loss(batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

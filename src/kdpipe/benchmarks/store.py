@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.data.encode import EncodedExample
+from kdpipe.types import EncodedExample
 from kdpipe.modules.scorer import topk_signal
 from kdpipe.store import codec
 from kdpipe.store.reader import TeacherStore

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdpipe.data.encode import IGNORE_INDEX, EncodedExample
+from kdpipe.types import IGNORE_INDEX, EncodedExample
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from torch.utils.data import Sampler
 
-from kdpipe.data.encode import IGNORE_INDEX
+from kdpipe.types import IGNORE_INDEX
 
 Order = list[int]
 

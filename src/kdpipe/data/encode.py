@@ -10,28 +10,11 @@ Examples longer than ``max_length`` tokens are dropped (``overlong="drop"``) or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from kdpipe.types import IGNORE_INDEX, EncodedExample
+
 OVERLONG = ("drop", "truncate")
-
-
-@dataclass
-class EncodedExample:
-    """One tokenized example: ids, shifted labels and the fields the curriculum and the store key on."""
-
-    id: str
-    input_ids: list[int]
-    labels: list[int]
-    level: int | float | None = None
-    style: str | None = None
-    truncated: bool = False  # cut to ``max_length`` tokens (``overlong="truncate"``)
-
-    @property
-    def num_label_tokens(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
 def system_prompt_for(data_cfg, style: str | None) -> str | None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from kdpipe.data.encode import IGNORE_INDEX, EncodedExample
+from kdpipe.types import IGNORE_INDEX, EncodedExample
 from kdpipe.utils.dist import is_rank_zero
 from kdpipe.utils.io import atomic_write_json
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdpipe.data.encode import IGNORE_INDEX
+from kdpipe.types import IGNORE_INDEX
 
 
 def token_cross_entropy(

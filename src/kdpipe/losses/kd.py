@@ -31,16 +31,13 @@ uses the plain (temperature 1) student logits.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from kdpipe.data.encode import IGNORE_INDEX
-
-DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
-TAIL_MODES = ("bucket", "renormalize", "ignore")
-NORMALIZE_MODES = ("token", "sequence")
+from kdpipe.losses.settings import KDLossSettings, resolve
 
 
 @dataclass
@@ -50,6 +47,7 @@ class KDTerms:
     ``divergence`` is 0 outside ``kd_mask`` and includes the ``temperature ** 2`` factor when it applies; ``ce`` is
     0 outside ``mask``; ``topk_mass`` (teacher top-k mass) is 0 and ``top1_agree`` False outside ``kd_mask``.
     ``ce`` (``divergence``) carries no gradient when ``ce_weight`` is 0 (1): the loss does not use it then.
+    ``settings`` are those the terms were computed with: :func:`combine_terms` reduces by them unless told others.
     """
 
     divergence: torch.Tensor
@@ -58,11 +56,7 @@ class KDTerms:
     kd_mask: torch.Tensor
     topk_mass: torch.Tensor
     top1_agree: torch.Tensor
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    settings: KDLossSettings = field(default_factory=KDLossSettings)
 
 
 def _check_shapes(student_logits, topk_ids, topk_logprobs, tail_logprob, labels, has_teacher) -> None:
@@ -149,96 +143,12 @@ def sparse_kd_terms(
     topk_logprobs: torch.Tensor,
     tail_logprob: torch.Tensor,
     labels: torch.Tensor,
+    settings: KDLossSettings | None = None,
     *,
-    divergence: str = "fkl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    ce_weight: float = 0.0,
-    tail: str = "bucket",
-    ignore_index: int = IGNORE_INDEX,
-    normalize: str = "token",
     has_teacher: torch.Tensor | None = None,
-    scale_by_t2: bool = True,
+    **overrides: Any,
 ) -> KDTerms:
-    """Per-position divergence, CE and diagnostics; see ``sparse_kd_loss`` for the arguments."""
-    _choice("divergence", divergence, DIVERGENCES)
-    _choice("tail", tail, TAIL_MODES)
-    _choice("normalize", normalize, NORMALIZE_MODES)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
-    _check_shapes(student_logits, topk_ids, topk_logprobs, tail_logprob, labels, has_teacher)
-    if normalize == "sequence" and student_logits.dim() != 3:
-        raise ValueError(
-            f"normalize='sequence' needs [B, T, V] student_logits, got shape {tuple(student_logits.shape)}"
-        )
-
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    logits = student_logits.to(dtype)
-    vocab, k = logits.shape[-1], topk_ids.shape[-1]
-    mask = labels != ignore_index
-    kd_mask = mask if has_teacher is None else mask & has_teacher.bool()
-
-    # positions without teacher data may hold anything: make them finite and in range, they are masked out below
-    sel = kd_mask.unsqueeze(-1)
-    ids = torch.where(sel, topk_ids.long(), 0)
-    t_topk = torch.where(sel, topk_logprobs.to(dtype), 0.0)
-    t_tail = torch.where(kd_mask, tail_logprob.to(dtype), 0.0)
-
-    grad = torch.is_grad_enabled()
-    with torch.set_grad_enabled(grad and ce_weight < 1.0):  # a term the loss weights by 0 keeps no graph
-        z = logits / temperature if temperature != 1.0 else logits
-        lse = z.logsumexp(-1, keepdim=True)
-        s_topk = z.gather(-1, ids)  # student scaled logits at the teacher's ids
-        if tail == "renormalize":
-            lp, lq = t_topk.log_softmax(-1), s_topk.log_softmax(-1)
-        elif tail == "ignore" or k == vocab:
-            lp, lq = t_topk, s_topk - lse
-        else:  # bucket with a non-empty tail: the student's tail mass from its non-top-k logits, stable and exact
-            rest = z.scatter(-1, ids, -math.inf)
-            empty = rest.amax(-1, keepdim=True) == -math.inf  # e.g. the rest is -inf (masked) vocabulary entries
-            rest_lse = rest.masked_fill_(empty, 0.0).logsumexp(-1, keepdim=True)  # finite gradients when empty
-            s_tail = torch.where(empty, -math.inf, rest_lse) - lse
-            lp = torch.cat([t_topk, t_tail.unsqueeze(-1)], -1)
-            lq = torch.cat([s_topk - lse, s_tail], -1)
-        div = _bin_divergence(lp, lq, divergence, beta)
-        if scale_by_t2:
-            div = div * temperature**2
-        div = torch.where(kd_mask, div, 0.0)
-
-    with torch.set_grad_enabled(grad and ce_weight > 0.0):
-        ce = F.cross_entropy(
-            logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index, reduction="none"
-        ).view(labels.shape)
-
-    with torch.no_grad():
-        topk_mass = torch.where(kd_mask, t_topk.logsumexp(-1).exp(), 0.0)
-        teacher_top1 = ids.gather(-1, t_topk.argmax(-1, keepdim=True)).squeeze(-1)
-        top1_agree = (logits.argmax(-1) == teacher_top1) & kd_mask
-    return KDTerms(div, ce, mask, kd_mask, topk_mass, top1_agree)
-
-
-def sparse_kd_loss(
-    student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    tail_logprob: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    divergence: str = "fkl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    ce_weight: float = 0.0,
-    tail: str = "bucket",
-    ignore_index: int = IGNORE_INDEX,
-    normalize: str = "token",
-    has_teacher: torch.Tensor | None = None,
-    scale_by_t2: bool = True,
-) -> torch.Tensor:
-    """``ce_weight * CE + (1 - ce_weight) * divergence`` against a sparse (top-k + tail) teacher, a scalar.
+    """Per-position divergence, CE and diagnostics of the sparse KD loss; :func:`sparse_kd_loss` reduces them.
 
     Computed in float32 (float64 when ``student_logits`` is float64); see the module docstring for the bins,
     the divergences and the temperature.
@@ -248,42 +158,80 @@ def sparse_kd_loss(
         topk_ids: [..., k] teacher top-k token ids (distinct per position).
         topk_logprobs: [..., k] teacher log-probs of those ids, at the teacher's temperature.
         tail_logprob: [...] log of the teacher's remaining mass (``-inf`` when ``k = V``).
-        labels: [...] pre-shifted targets, ``ignore_index`` where there is nothing to learn.
-        divergence: one of ``DIVERGENCES``; ``beta`` is the JSD mixture weight or the skew.
-        temperature: divides the student logits for the divergence (not for CE).
-        tail: ``bucket``, ``renormalize`` or ``ignore``.
-        normalize: ``token`` (mean over the batch's label positions) or ``sequence`` (mean over the positions of
-            each sequence, then over the sequences that have any; [B, T, V] input only). "Positions" are label
-            positions for CE and label positions with teacher data for the divergence.
+        labels: [...] pre-shifted targets, ``settings.ignore_index`` where there is nothing to learn.
+        settings: the loss (:class:`KDLossSettings`; default ``KDLossSettings()``). With ``normalize="sequence"``
+            the input must be [B, T, V]. "Positions" are label positions for CE and label positions with teacher
+            data for the divergence.
         has_teacher: optional bool [...]; label positions where it is False get CE only: they leave the
             divergence mean (over label positions with teacher data) but stay in the CE mean.
-        scale_by_t2: multiply the divergence by ``temperature ** 2``.
+        **overrides: fields of :class:`KDLossSettings` to change for this call (``ce_weight=0.5``).
     """
-    terms = sparse_kd_terms(
-        student_logits,
-        topk_ids,
-        topk_logprobs,
-        tail_logprob,
-        labels,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        ce_weight=ce_weight,
-        tail=tail,
-        ignore_index=ignore_index,
-        normalize=normalize,
-        has_teacher=has_teacher,
-        scale_by_t2=scale_by_t2,
-    )
-    return combine_terms(terms, ce_weight=ce_weight, normalize=normalize)
+    s = resolve(settings, overrides)
+    _check_shapes(student_logits, topk_ids, topk_logprobs, tail_logprob, labels, has_teacher)
+    if s.normalize == "sequence" and student_logits.dim() != 3:
+        raise ValueError(
+            f"normalize='sequence' needs [B, T, V] student_logits, got shape {tuple(student_logits.shape)}"
+        )
+
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    logits = student_logits.to(dtype)
+    vocab, k = logits.shape[-1], topk_ids.shape[-1]
+    mask = labels != s.ignore_index
+    kd_mask = mask if has_teacher is None else mask & has_teacher.bool()
+
+    # positions without teacher data may hold anything: make them finite and in range, they are masked out below
+    sel = kd_mask.unsqueeze(-1)
+    ids = torch.where(sel, topk_ids.long(), 0)
+    t_topk = torch.where(sel, topk_logprobs.to(dtype), 0.0)
+    t_tail = torch.where(kd_mask, tail_logprob.to(dtype), 0.0)
+
+    grad = torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad and s.ce_weight < 1.0):  # a term the loss weights by 0 keeps no graph
+        z = logits / s.temperature if s.temperature != 1.0 else logits
+        lse = z.logsumexp(-1, keepdim=True)
+        s_topk = z.gather(-1, ids)  # student scaled logits at the teacher's ids
+        if s.tail == "renormalize":
+            lp, lq = t_topk.log_softmax(-1), s_topk.log_softmax(-1)
+        elif s.tail == "ignore" or k == vocab:
+            lp, lq = t_topk, s_topk - lse
+        else:  # bucket with a non-empty tail: the student's tail mass from its non-top-k logits, stable and exact
+            rest = z.scatter(-1, ids, -math.inf)
+            empty = rest.amax(-1, keepdim=True) == -math.inf  # e.g. the rest is -inf (masked) vocabulary entries
+            rest_lse = rest.masked_fill_(empty, 0.0).logsumexp(-1, keepdim=True)  # finite gradients when empty
+            s_tail = torch.where(empty, -math.inf, rest_lse) - lse
+            lp = torch.cat([t_topk, t_tail.unsqueeze(-1)], -1)
+            lq = torch.cat([s_topk - lse, s_tail], -1)
+        div = _bin_divergence(lp, lq, s.divergence, s.beta)
+        if s.scale_by_t2:
+            div = div * s.temperature**2
+        div = torch.where(kd_mask, div, 0.0)
+
+    with torch.set_grad_enabled(grad and s.ce_weight > 0.0):
+        ce = F.cross_entropy(
+            logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=s.ignore_index, reduction="none"
+        ).view(labels.shape)
+
+    with torch.no_grad():
+        topk_mass = torch.where(kd_mask, t_topk.logsumexp(-1).exp(), 0.0)
+        teacher_top1 = ids.gather(-1, t_topk.argmax(-1, keepdim=True)).squeeze(-1)
+        top1_agree = (logits.argmax(-1) == teacher_top1) & kd_mask
+    return KDTerms(div, ce, mask, kd_mask, topk_mass, top1_agree, s)
 
 
-def combine_terms(terms: KDTerms, *, ce_weight: float = 0.0, normalize: str = "token") -> torch.Tensor:
-    """Reduce per-position terms to ``ce_weight * CE + (1 - ce_weight) * divergence`` (a scalar)."""
-    _choice("normalize", normalize, NORMALIZE_MODES)
-    if ce_weight == 1.0:
-        return _reduce(terms.ce, terms.mask, normalize)
-    div = _reduce(terms.divergence, terms.kd_mask, normalize)
-    if ce_weight == 0.0:
+def sparse_kd_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``ce_weight * CE + (1 - ce_weight) * divergence`` against a sparse (top-k + tail) teacher, a scalar:
+    :func:`combine_terms` of :func:`sparse_kd_terms`, whose arguments it takes."""
+    return combine_terms(sparse_kd_terms(*args, **kwargs))
+
+
+def combine_terms(terms: KDTerms, settings: KDLossSettings | None = None, **overrides: Any) -> torch.Tensor:
+    """Reduce per-position terms to ``ce_weight * CE + (1 - ce_weight) * divergence`` (a scalar), by the
+    ``ce_weight`` and ``normalize`` of ``settings`` (default: those the terms were computed with) and
+    ``overrides``."""
+    s = resolve(settings if settings is not None else terms.settings, overrides)
+    if s.ce_weight == 1.0:
+        return _reduce(terms.ce, terms.mask, s.normalize)
+    div = _reduce(terms.divergence, terms.kd_mask, s.normalize)
+    if s.ce_weight == 0.0:
         return div
-    return ce_weight * _reduce(terms.ce, terms.mask, normalize) + (1.0 - ce_weight) * div
+    return s.ce_weight * _reduce(terms.ce, terms.mask, s.normalize) + (1.0 - s.ce_weight) * div

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from kdpipe.data.tokenizer import build_char_tokenizer
+from kdpipe.models.tokenizer import build_char_tokenizer
 from kdpipe.models import gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,14 +83,16 @@ def pretrained_dir(cfg: DictConfig, cache_root: str | Path | None = None) -> str
 
 
 def build_tokenizer(cfg: DictConfig, cache_root: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer a model config names: ``tokenizer: char`` (built-in) or a hub id / directory.
+    """The tokenizer a model config names: ``tokenizer: null`` the model's own, ``char`` kdpipe's built-in
+    character tokenizer, else a hub id / directory.
 
-    A ``source: pretrained`` model uses the tokenizer saved with it (for GGUF: the converted checkpoint's,
-    or the GGUF file's before the first conversion: the same vocabulary) unless ``tokenizer`` names another.
+    The model's own: for a ``source: pretrained`` model the tokenizer saved with it (for GGUF: the converted
+    checkpoint's, or the GGUF file's before the first conversion: the same vocabulary); a model built from
+    ``arch`` has none of its own and takes the built-in one.
     """
-    name = cfg.get("tokenizer") or "char"
+    name = cfg.get("tokenizer")
     trust = bool(cfg.get("trust_remote_code", False))
-    if cfg.get("source") == "pretrained" and name == "char":
+    if cfg.get("source") == "pretrained" and name is None:
         if cfg.get("gguf_file"):
             path, gguf_file = resolve_path(cfg.path), str(cfg.gguf_file)
             converted = gguf.cache_dir_for(path, gguf_file, cache_root or DEFAULT_CACHE_ROOT)
@@ -98,7 +100,7 @@ def build_tokenizer(cfg: DictConfig, cache_root: str | Path | None = None) -> Pr
                 return load_tokenizer(converted, trust)
             return gguf.load_gguf_tokenizer(path, gguf_file, trust)
         name = resolve_path(cfg.path)
-    if name == "char":
+    if name in (None, "char"):
         return build_char_tokenizer(model_max_length=int(cfg.get("max_position_embeddings", 512)))
     return AutoTokenizer.from_pretrained(resolve_path(name), trust_remote_code=trust)
 

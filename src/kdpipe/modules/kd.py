@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from kdpipe.losses import FusedKDResult, KDTerms, combine_terms, sparse_kd_terms
+from kdpipe.losses import FusedKDResult, KDLossSettings, KDTerms, combine_terms, sparse_kd_terms
 from kdpipe.modules.sft import OptimizerFactory, SchedulerFactory, SFTModule
 
 LOSS_KEYS = ("divergence", "beta", "temperature", "ce_weight", "tail", "normalize")
@@ -45,12 +45,11 @@ class KDModule(SFTModule):
         self.loss_options = loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        opts = self.loss_options
-        normalize = opts.get("normalize", "token")
+        settings = KDLossSettings(**self.loss_options)
         # this rank's share of the global batch's loss (scale 1 and the configured mix on one process)
-        scale, ce_weight = self.rank_weights(batch, float(opts.get("ce_weight", 0.0)), normalize)
+        scale, ce_weight = self.rank_weights(batch, settings.ce_weight, settings.normalize)
         if self.loss_impl == "fused":
-            result = self.fused_terms(batch, **{**opts, "ce_weight": ce_weight})
+            result = self.fused_terms(batch, settings.replace(ce_weight=ce_weight))
             loss = result.loss * scale
             self.log_diagnostics(result, batch, self.global_value(loss))
             return loss
@@ -61,10 +60,10 @@ class KDModule(SFTModule):
             batch["topk_logprobs"],
             batch["tail_logprob"],
             batch["labels"],
+            settings,
             has_teacher=batch["has_teacher"],
-            **opts,
         )
-        loss = combine_terms(terms, ce_weight=ce_weight, normalize=normalize) * scale
+        loss = combine_terms(terms, settings.replace(ce_weight=ce_weight)) * scale
         self.log_diagnostics(terms, batch, self.global_value(loss))
         return loss
 

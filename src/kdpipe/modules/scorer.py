@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel
 
-from kdpipe.data.encode import IGNORE_INDEX
+from kdpipe.types import IGNORE_INDEX
 from kdpipe.models.heads import backbone_hidden, head_logits, lm_head
 
 

@@ -10,9 +10,10 @@ import torch
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
-from kdpipe.data.encode import IGNORE_INDEX
+from kdpipe.types import IGNORE_INDEX
 from kdpipe.losses import fused_sparse_kd_terms, token_cross_entropy
-from kdpipe.losses.fused import BACKENDS
+from kdpipe.losses.backends import BACKENDS
+from kdpipe.losses.settings import PLAIN_CE, KDLossSettings
 from kdpipe.models.heads import backbone_hidden, lm_head
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -122,7 +123,7 @@ class SFTModule(L.LightningModule):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         return self.model(**inputs, use_cache=False).logits
 
-    def fused_terms(self, batch: dict, **options):
+    def fused_terms(self, batch: dict, settings: KDLossSettings = PLAIN_CE):
         """Backbone hidden states through the fused LM-head loss (teacher fields used when present)."""
         weight, bias = lm_head(self.model)
         teacher = [batch.get(k) for k in ("topk_ids", "topk_logprobs", "tail_logprob")]
@@ -131,17 +132,17 @@ class SFTModule(L.LightningModule):
             weight,
             *teacher,
             batch["labels"],
+            settings,
             lm_head_bias=bias,
             chunk_size=self.chunk_size,
             has_teacher=batch.get("has_teacher"),
             backend=self.loss_backend,
-            **options,
         )
 
     def loss(self, batch: dict, scale: float = 1.0) -> torch.Tensor:
         """Token cross-entropy on the labels (times ``scale``: a rank's share, see :meth:`rank_weights`)."""
         if self.loss_impl == "fused":
-            return self.fused_terms(batch, ce_weight=1.0).loss * scale
+            return self.fused_terms(batch).loss * scale
         return token_cross_entropy(self(batch), batch["labels"]) * scale
 
     def num_ranks(self) -> int:
@@ -198,7 +199,7 @@ class SFTModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         count = (batch["labels"] != -100).sum()
         if self.loss_impl == "fused":
-            total = self.fused_terms(batch, ce_weight=1.0).ce.sum().float()
+            total = self.fused_terms(batch).ce.sum().float()
         else:
             total = token_cross_entropy(self(batch), batch["labels"], reduction="sum")
         self._val_sums.append(torch.stack([total, count.to(total)]))

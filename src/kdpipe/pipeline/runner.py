@@ -9,15 +9,20 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
-from kdpipe.models.vocab import check_shared_vocabulary
-from kdpipe.pipeline.launch import distributed_job
+from kdpipe.errors import PipelineConfigError
+from kdpipe.lightning.launch import distributed_job
+from kdpipe.lightning.trainer import check_trainer_device
+from kdpipe.pipeline.checks import check_shared_vocabulary
 from kdpipe.pipeline.report import rich_table, write_results
-from kdpipe.pipeline.sharing import claimed, find_shared, publish_shared, shared_dir
-from kdpipe.pipeline.spec import PipelineConfigError, StageSpec, resolve_stages
-from kdpipe.pipeline.stages import STAGE_KINDS, StageContext, check_trainer_device, write_stage_metrics
+from kdpipe.pipeline.result import StageResult
+from kdpipe.pipeline.sharing import find_shared, publish_shared, shared_dir
+from kdpipe.pipeline.spec import StageSpec, complete_stages, resolve_stages
+from kdpipe.pipeline.stages import RANK_ZERO_KINDS, STAGE_KINDS, StageContext
 from kdpipe.pipeline.state import STATE_FILE, PipelineState
+from kdpipe.utils.claim import claimed
 from kdpipe.utils.config import print_and_save_config
 from kdpipe.utils.dist import barrier, broadcast_object, is_rank_zero, rank_zero_console, run_on_rank_zero, world_size
+from kdpipe.utils.io import atomic_write_json
 
 console = rank_zero_console()
 # keys that may differ between a run's saved config and the command that resumes it
@@ -45,6 +50,7 @@ def config_for_resume(cfg: DictConfig) -> tuple[DictConfig, Path]:
     if not saved_path.exists():
         raise PipelineConfigError(f"resume directory {run_dir} has no config.yaml: not a kdpipe run")
     saved = OmegaConf.load(saved_path)
+    complete_stages(cfg)  # as the saved config holds them
     old, new = _flat(saved), _flat(cfg)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed and cfg.get("resume_overrides", "warn") == "error":
@@ -62,6 +68,7 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, list[StageSpec]]:
         cfg, run_dir = config_for_resume(cfg)
     else:
         run_dir = Path(str(cfg.paths.run_dir)).expanduser().resolve()
+        complete_stages(cfg)
     specs = resolve_stages(cfg, set(STAGE_KINDS))
     check_shared_vocabulary(cfg, specs)  # teacher and student tokenizers only: cheap, and before any stage
     check_trainer_device(cfg.trainer)  # e.g. trainer=npu without torch_npu or CANN: say what to install or source
@@ -72,14 +79,35 @@ def run_pipeline(cfg: DictConfig) -> dict:
     """Run (or resume) the pipeline a config describes; returns the ``results.json`` payload.
 
     With a multi-process trainer every rank runs this, in step, over one process group (see
-    :mod:`kdpipe.pipeline.launch`): training and scoring stages on every rank, everything else on global rank 0."""
+    :mod:`kdpipe.lightning.launch`): training and scoring stages on every rank, everything else on global rank 0."""
     cfg, run_dir, specs = prepare(cfg)
     with distributed_job(cfg):
         return _run_stages(cfg, run_dir, specs)
 
 
-# kinds that run no Lightning Trainer: rank 0 runs them and hands the others its (metrics, export)
-RANK_ZERO_KINDS = frozenset({"eval", "rollout"})
+def write_stage_metrics(ctx: StageContext, result: StageResult) -> None:
+    """The stage's ``metrics.json``: its metrics, what it read, and its settings (global rank 0 only)."""
+    if not is_rank_zero():
+        return
+    payload = {"name": ctx.spec.name, "kind": ctx.spec.kind, "model": ctx.spec.model, "metrics": result.metrics}
+    payload["artifacts"] = {k: v for k, v in result.to_json(ctx.run_dir).items() if k != "metrics"}
+    payload["settings"] = OmegaConf.to_container(ctx.settings, resolve=True)
+    atomic_write_json(ctx.stage_dir / "metrics.json", payload)
+
+
+def run_stage(ctx: StageContext) -> StageResult:
+    """One stage, or its published result when it is shared (``share: true``) and another run trained it."""
+    spec, share = ctx.spec, bool(ctx.settings.get("share"))
+    # one decision for all ranks; a concurrent job training the same shared stage is waited for
+    root = shared_dir(ctx) if share and is_rank_zero() else None  # only rank 0 looks and locks
+    with claimed(root, lambda: find_shared(ctx)) if share else nullcontext() as reused:
+        if reused is not None:
+            return reused
+        run_kind = STAGE_KINDS[spec.kind]
+        result = run_on_rank_zero(run_kind, ctx) if spec.kind in RANK_ZERO_KINDS else run_kind(ctx)
+        if share and result.export is not None:
+            result.metrics["shared_to"] = str(run_on_rank_zero(publish_shared, ctx, result))
+        return result
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> dict:
@@ -106,33 +134,17 @@ def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     console.rule(f"[bold]kdpipe run {run_dir}" + (f" ({world_size()} ranks)" if world_size() > 1 else ""))
     for spec in specs:
-        record = state.stages[spec.index]
-        if record.status == "done":
+        if state.stages[spec.index].status == "done":
             console.print(f"[dim]stage {spec.dirname} ({spec.kind}, {spec.model}) already done: skipped")
             continue
         console.rule(f"stage {spec.dirname}: {spec.kind} on {spec.model}")
         stage_dir = run_dir / spec.dirname
         stage_dir.mkdir(parents=True, exist_ok=True)  # every rank: Lightning and the store write below it
         state.mark_running(spec.index)
-        ctx = StageContext(
-            cfg, spec, run_dir, stage_dir, state.model_path(spec.model), dict(state.stores), dict(state.rollouts)
-        )
-        share = bool(spec.config.get("share"))
-        # one decision for all ranks; a concurrent job training the same shared stage is waited for
-        root = shared_dir(ctx) if share and rank_zero else None  # only rank 0 looks and locks
-        with claimed(root, lambda ctx=ctx: find_shared(ctx)) if share else nullcontext() as reused:
-            if reused is not None:
-                metrics, export = reused
-            else:
-                run_kind = STAGE_KINDS[spec.kind]
-                if spec.kind in RANK_ZERO_KINDS:
-                    metrics, export = run_on_rank_zero(run_kind, ctx)
-                else:
-                    metrics, export = run_kind(ctx)
-                if share and export is not None:
-                    metrics["shared_to"] = str(run_on_rank_zero(publish_shared, ctx, metrics, export))
-        write_stage_metrics(ctx, metrics)
-        state.mark_done(spec.index, metrics, export)
+        ctx = StageContext(cfg, spec, run_dir, stage_dir, state.model_path(spec.model), state.stores, state.rollouts)
+        result = run_stage(ctx)
+        write_stage_metrics(ctx, result)
+        state.mark_done(spec.index, result)
         write_results(state)
         barrier()  # the next stage may read what rank 0 wrote for this one
     payload = write_results(state)

@@ -2,21 +2,29 @@
 
 ``pipeline.stages`` is a library of named stages, ``pipeline.order`` the names to run (repeats allowed),
 then ``pipeline.append`` (stages every order ends with, e.g. an experiment's common evaluations).
-Each named stage is merged over the defaults of its kind (``stage_defaults.<kind>``, from
-``configs/stage/<kind>.yaml``), and every key it sets must exist in those defaults, so a typo fails here,
-naming the stage and the key, instead of being silently ignored halfway through a run.
+
+A pipeline file composes each named stage from its kind's defaults (``- /stage@stages.<name>: <kind>`` in its
+defaults list, ``configs/stage/<kind>.yaml``), so every key exists at compose time and can be overridden or
+swept from the command line. Here each stage is checked against those defaults: a key the kind does not have
+fails, naming the stage and the key, instead of being silently ignored halfway through a run. A stage added
+without its kind's defaults (``+pipeline.stages.x={kind: eval}``) gets them here.
+
+A stage's ``optimizer``, ``scheduler`` and ``curriculum`` are the top-level groups of those names with the
+stage's own keys changed (a different ``_target_`` replaces the group instead).
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kdpipe.errors import PipelineConfigError
+from kdpipe.utils.paths import config_dir
 
-class PipelineConfigError(ValueError):
-    """A pipeline config that cannot run; raised before any stage starts."""
+GROUP_KEYS = ("optimizer", "scheduler", "curriculum")  # stage keys merged over the top-level group
 
 
 @dataclass(frozen=True)
@@ -45,10 +53,25 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _unknown_keys(spec: DictConfig, defaults: DictConfig, prefix: str) -> list[str]:
-    """Keys set in ``spec`` that ``defaults`` does not have, recursing into nested sections."""
+def kind_defaults(cfg: DictConfig, kind: str) -> DictConfig:
+    """The defaults of a stage kind: ``configs/stage/<kind>.yaml`` with its own defaults list (``kd`` extends
+    ``sft``), unresolved. A run saved before stages were composed at compose time keeps its ``stage_defaults``."""
+    if "stage_defaults" in cfg:  # a config.yaml written by kdpipe 0.1 (resumed)
+        return cfg.stage_defaults[kind]
+    raw = OmegaConf.load(Path(config_dir()) / "stage" / f"{kind}.yaml")
+    entries = [str(e) for e in raw.pop("defaults", None) or []]
+    merged = OmegaConf.create()
+    for entry in entries if "_self_" in entries else [*entries, "_self_"]:  # as Hydra: _self_ last by default
+        merged = OmegaConf.merge(merged, raw if entry == "_self_" else kind_defaults(cfg, entry))
+    return merged
+
+
+def _unknown_keys(spec: DictConfig, defaults: DictConfig, prefix: str, skip=()) -> list[str]:
+    """Keys set in ``spec`` (but ``skip``) that ``defaults`` does not have, recursing into nested sections."""
     bad = []
     for key in spec:
+        if key in skip:
+            continue
         if key not in defaults:
             bad.append(f"{prefix}{key}{_suggest(str(key), defaults.keys())}")
         elif isinstance(spec[key], DictConfig) and isinstance(defaults[key], DictConfig):
@@ -56,6 +79,33 @@ def _unknown_keys(spec: DictConfig, defaults: DictConfig, prefix: str) -> list[s
                 continue  # a different class: its own keys
             bad.extend(_unknown_keys(spec[key], defaults[key], f"{prefix}{key}."))
     return bad
+
+
+def _with_group(cfg: DictConfig, key: str, own):
+    """A stage's ``optimizer`` / ``scheduler`` / ``curriculum``: the top-level group with the stage's keys changed
+    (None: none; a different ``_target_``: the stage's own class, whole)."""
+    group = cfg.get(key)
+    group = OmegaConf.to_container(group, resolve=True) if isinstance(group, DictConfig) else group
+    if own is None or not isinstance(group, dict):
+        return own if own is not None or key == "scheduler" else group
+    if "_target_" in own and own["_target_"] != group.get("_target_"):
+        return own
+    return OmegaConf.to_container(OmegaConf.merge(group, own))
+
+
+def complete_stages(cfg: DictConfig) -> None:
+    """Give every library entry its kind's defaults (in place; a no-op for entries composed with them), so the
+    saved ``config.yaml`` holds each stage whole."""
+    library = OmegaConf.select(cfg, "pipeline.stages")
+    if library is None:
+        return
+    with open_dict(cfg):
+        for name in list(library.keys()):
+            kind = library[name].get("kind")
+            if kind is None or not (Path(config_dir()) / "stage" / f"{kind}.yaml").exists():
+                continue  # resolve_stages names the problem
+            if "stage_defaults" not in cfg:
+                library[name] = OmegaConf.merge(kind_defaults(cfg, str(kind)), library[name])
 
 
 def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
@@ -82,15 +132,25 @@ def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
                 f"pipeline.stages.{name}.kind={kind!r} is not a stage kind{_suggest(str(kind), kinds)}; "
                 f"kinds: {sorted(kinds)}"
             )
-        defaults = cfg.stage_defaults.get(kind)
-        if defaults is None:
-            raise PipelineConfigError(f"no defaults for stage kind {kind!r}: add configs/stage/{kind}.yaml")
-        unknown = _unknown_keys(spec, defaults, f"pipeline.stages.{name}.")
+        defaults = kind_defaults(cfg, str(kind))
+        legacy = "stage_defaults" in cfg
+        unknown = _unknown_keys(spec, defaults, f"pipeline.stages.{name}.", skip=() if legacy else GROUP_KEYS)
+        for key in ("optimizer", "scheduler"):  # the group's keys, unless a _target_ of its own replaces it
+            if not legacy and isinstance(spec.get(key), DictConfig) and isinstance(cfg.get(key), DictConfig):
+                unknown += _unknown_keys(spec[key], cfg[key], f"pipeline.stages.{name}.{key}.")
         if unknown:
             raise PipelineConfigError(f"unknown key(s) in stage {name!r}: {', '.join(unknown)}")
         # resolve against the whole config first: a stage may interpolate top-level keys (${data_fraction})
-        own = OmegaConf.to_container(spec, resolve=True)
-        merged = OmegaConf.merge(OmegaConf.to_container(defaults, resolve=True), own)
+        merged = OmegaConf.to_container(spec, resolve=True)
+        if legacy:  # kdpipe 0.1 configs: entries hold only what they change
+            merged = OmegaConf.to_container(
+                OmegaConf.merge(OmegaConf.to_container(defaults, resolve=True), merged), resolve=True
+            )
+        else:
+            for key in GROUP_KEYS:
+                if key in merged:
+                    merged[key] = _with_group(cfg, key, merged[key])
+        merged = OmegaConf.create(merged)
         if merged.model not in models:
             raise PipelineConfigError(
                 f"pipeline.stages.{name}.model={merged.model!r} is not a configured model; "

@@ -1,68 +1,102 @@
-"""``pipeline_state.json``: what a run has done, so an interrupted run resumes where it stopped."""
+"""``pipeline_state.json``: what a run has done, so an interrupted run resumes where it stopped.
+
+Each finished stage keeps its :class:`~kdpipe.pipeline.result.StageResult`; what a later stage starts from
+(the latest export of each model, the latest store of each style, the latest rollout set) is derived from
+them in order, so there is one record of each artifact.
+
+Format versions: 2 (this one). A version-1 state (kdpipe 0.1: artifacts inside the metrics) is migrated on
+load; any other version is refused, naming it.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdpipe.pipeline.spec import PipelineConfigError, StageSpec
+from kdpipe.errors import PipelineConfigError
+from kdpipe.pipeline.result import StageResult, StoreRef
+from kdpipe.pipeline.spec import StageSpec
 from kdpipe.utils.dist import is_rank_zero
 from kdpipe.utils.io import atomic_write_json, read_json
 
 STATE_FILE = "pipeline_state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
 class StageRecord:
-    """One stage's progress. ``status`` goes pending -> running -> done."""
+    """One stage's progress. ``status`` goes pending -> running -> done; ``result`` is set when done."""
 
     name: str
     kind: str
     model: str
     dir: str
     status: str = "pending"
-    metrics: dict = field(default_factory=dict)
-    export: str | None = None  # HF export, relative to the run dir
+    result: StageResult | None = None
     started_at: float | None = None
     finished_at: float | None = None
+
+    @property
+    def metrics(self) -> dict:
+        return self.result.metrics if self.result is not None else {}
+
+
+def _migrate_v1(raw: dict) -> dict:
+    """A kdpipe 0.1 state: stores and rollout sets were keys of the metrics (``stores: {"fast:rollouts": p}``)."""
+    stages = []
+    for s in raw["stages"]:
+        metrics = dict(s.get("metrics") or {})
+        stores = [
+            {"style": key.split(":")[0], "sequences": "rollouts" if ":" in key else "labels", "path": path}
+            for key, path in (metrics.pop("stores", None) or {}).items()
+        ]
+        rollouts = metrics.pop("rollouts", None) or {}
+        reads = {k: metrics.pop(k) for k in ("store", "onpolicy_store") if isinstance(metrics.get(k), str)}
+        for key, value in list(metrics.items()):  # per-store stats kept their path: now in `stores`
+            if isinstance(value, dict) and "path" in value and key.endswith("_store"):
+                metrics[key] = {k: v for k, v in value.items() if k != "path"}
+        done = s.get("status") == "done"
+        result = {"metrics": metrics, "export": s.get("export"), "stores": stores, "rollouts": rollouts, "reads": reads}
+        stages.append({**{k: s[k] for k in ("name", "kind", "model", "dir", "status", "started_at", "finished_at")},
+                       "result": result if done else None})  # fmt: skip
+    return {"version": STATE_VERSION, "stages": stages}
 
 
 @dataclass
 class PipelineState:
-    """The run's stages in order and, per model, the export the next stage of that model starts from."""
+    """The run's stages in order, each with its result once done."""
 
     run_dir: Path
     stages: list[StageRecord]
-    model_paths: dict[str, str | None]
-    stores: dict[str, str] = field(default_factory=dict)  # response style -> latest teacher store (absolute)
-    rollouts: dict[str, str] = field(default_factory=dict)  # response style -> latest rollout set (absolute)
+    models: list[str] = field(default_factory=list)
     version: int = STATE_VERSION
 
     @classmethod
     def new(cls, run_dir: Path, specs: list[StageSpec], models: list[str]) -> PipelineState:
         records = [StageRecord(s.name, s.kind, s.model, s.dirname) for s in specs]
-        return cls(run_dir=run_dir, stages=records, model_paths={m: None for m in models})
+        return cls(run_dir=run_dir, stages=records, models=list(models))
 
     @classmethod
     def load(cls, run_dir: Path, specs: list[StageSpec]) -> PipelineState:
-        """Read a run's state and check it belongs to the same stage order."""
+        """Read a run's state (migrating version 1) and check it belongs to the same stage order."""
         path = run_dir / STATE_FILE
         if not path.exists():
             raise PipelineConfigError(f"resume directory {run_dir} has no {STATE_FILE}: not a kdpipe run")
         raw = read_json(path)
+        if raw.get("version") == 1:
+            raw = _migrate_v1(raw)
         if raw.get("version") != STATE_VERSION:
-            raise PipelineConfigError(f"{path}: state version {raw.get('version')} (expected {STATE_VERSION})")
-        state = cls(
-            run_dir=run_dir,
-            stages=[StageRecord(**s) for s in raw["stages"]],
-            model_paths=raw["model_paths"],
-            stores=raw.get("stores", {}),
-            rollouts=raw.get("rollouts", {}),
-        )
-        saved = [s.name for s in state.stages]
-        wanted = [s.name for s in specs]
+            raise PipelineConfigError(
+                f"{path}: state format version {raw.get('version')!r}; this kdpipe reads versions 1 and "
+                f"{STATE_VERSION}: resume it with the kdpipe that wrote it, or start a new run"
+            )
+        records = []
+        for s in raw["stages"]:
+            result = StageResult.from_json(s["result"], run_dir) if s.get("result") is not None else None
+            records.append(StageRecord(**{**s, "result": result}))
+        state = cls(run_dir=run_dir, stages=records, models=sorted({s.model for s in specs}))
+        saved, wanted = [s.name for s in state.stages], [s.name for s in specs]
         if saved != wanted:
             raise PipelineConfigError(f"{path}: the run's stage order {saved} differs from the config's {wanted}")
         return state
@@ -71,14 +105,30 @@ class PipelineState:
         """Write ``pipeline_state.json`` (global rank 0 only: every rank keeps the same state in memory)."""
         if not is_rank_zero():
             return
-        data = asdict(self)
-        data.pop("run_dir")
-        atomic_write_json(self.run_dir / STATE_FILE, data)
+        stages = []
+        for s in self.stages:
+            result = s.result.to_json(self.run_dir) if s.result is not None else None
+            stages.append({"name": s.name, "kind": s.kind, "model": s.model, "dir": s.dir, "status": s.status,
+                           "result": result, "started_at": s.started_at, "finished_at": s.finished_at})  # fmt: skip
+        atomic_write_json(self.run_dir / STATE_FILE, {"version": self.version, "stages": stages})
+
+    def _done(self) -> list[StageRecord]:
+        return [s for s in self.stages if s.status == "done" and s.result is not None]
 
     def model_path(self, model: str) -> Path | None:
-        """Absolute path of the export the next stage of ``model`` starts from (None: build it fresh)."""
-        rel = self.model_paths.get(model)
-        return self.run_dir / rel if rel else None
+        """The export the next stage of ``model`` starts from: its latest one (None: build it fresh)."""
+        exports = [s.result.export for s in self._done() if s.model == model and s.result.export is not None]
+        return exports[-1] if exports else None
+
+    @property
+    def stores(self) -> dict[tuple[str, str], Path]:
+        """(style, sequences) -> the latest teacher store scored for it."""
+        return {(ref.style, ref.sequences): ref.path for s in self._done() for ref in s.result.stores}
+
+    @property
+    def rollouts(self) -> dict[str, Path]:
+        """style -> the latest rollout set sampled in it."""
+        return {style: path for s in self._done() for style, path in s.result.rollouts.items()}
 
     def mark_running(self, index: int) -> None:
         record = self.stages[index]
@@ -86,13 +136,7 @@ class PipelineState:
         record.started_at = record.started_at or time.time()
         self.save()
 
-    def mark_done(self, index: int, metrics: dict, export: Path | None) -> None:
+    def mark_done(self, index: int, result: StageResult) -> None:
         record = self.stages[index]
-        record.status, record.metrics, record.finished_at = "done", metrics, time.time()
-        if export is not None:  # relative inside the run (it can move); absolute for a shared stage's export
-            export = Path(export)
-            record.export = str(export.relative_to(self.run_dir) if export.is_relative_to(self.run_dir) else export)
-            self.model_paths[record.model] = record.export
-        self.stores.update(metrics.get("stores", {}))
-        self.rollouts.update(metrics.get("rollouts", {}))
+        record.status, record.result, record.finished_at = "done", result, time.time()
         self.save()

@@ -17,11 +17,12 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
-from kdpipe.data.encode import EncodedExample
+from kdpipe.types import EncodedExample
 from kdpipe.store import codec
-from kdpipe.store.fingerprint import example_token_hash, tokenizer_fingerprint
-from kdpipe.store.writer import FORMAT, MANIFEST, VERSION, file_sha256
-from kdpipe.utils.io import read_json
+from kdpipe.models.fingerprint import tokenizer_fingerprint
+from kdpipe.store.fingerprint import example_token_hash
+from kdpipe.store.writer import FORMAT, MANIFEST, VERSION
+from kdpipe.utils.io import read_json, sha256_file
 
 
 class StoreError(ValueError):
@@ -95,7 +96,7 @@ class TeacherStore:
             shard = self.manifest["shards"][shard_idx]
             file = self.path / shard["file"]
             if self.verify and shard_idx not in self._verified:
-                if file_sha256(file) != shard["sha256"]:
+                if sha256_file(file) != shard["sha256"]:
                     raise StoreError(f"teacher store {self.path}: checksum mismatch in shard {shard['file']}")
                 self._verified.add(shard_idx)
             self._handles[shard_idx] = safe_open(str(file), framework="np")

@@ -10,7 +10,6 @@ resumed store is byte-identical to an uninterrupted one. Rank 0 writes the manif
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from kdpipe.data.encode import EncodedExample
+from kdpipe.types import EncodedExample
 from kdpipe.store import codec
 from kdpipe.store.fingerprint import example_token_hash
-from kdpipe.utils.io import atomic_write_json, read_json
+from kdpipe.utils.io import atomic_write_json, read_json, sha256_file
 
 FORMAT = "kdpipe-teacher-store"
 VERSION = 1
@@ -33,14 +32,6 @@ PENDING = "store_meta.json"  # written first: what this store is, so a resume ca
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class StoreWriter:
@@ -162,7 +153,7 @@ class StoreWriter:
             with safe_open(str(file), framework="np") as f:
                 rows = int(f.get_tensor("offsets")[-1])
             manifest["shards"].append(
-                {"file": file.name, "examples": len(self.shard_examples(s)), "rows": rows, "sha256": file_sha256(file)}
+                {"file": file.name, "examples": len(self.shard_examples(s)), "rows": rows, "sha256": sha256_file(file)}
             )
         manifest["total_rows"] = sum(s["rows"] for s in manifest["shards"])
         atomic_write_json(self.path / MANIFEST, manifest)

@@ -1,6 +1,6 @@
 """Rank helpers for code that runs on every process of a multi-process job (DDP, FSDP, DeepSpeed).
 
-Every rank runs the whole pipeline (see :mod:`kdpipe.pipeline.launch`); side effects that are not part of the
+Every rank runs the whole pipeline (see :mod:`kdpipe.lightning.launch`); side effects that are not part of the
 training itself (the run's state and results, exports, evaluations, caches) happen on global rank 0 only, and
 the other ranks wait at a :func:`barrier` where they read what rank 0 wrote. Everything here is a no-op, or
 the single-process answer, when no ``torch.distributed`` process group is initialised.

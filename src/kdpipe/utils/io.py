@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader never sees a half-written file, and a crash leaves the old one intact."""
+"""Atomic file writes (a reader never sees a half-written file, and a crash leaves the old one intact), and
+the sha256 helpers every fingerprint and checksum uses."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -55,3 +57,26 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, digest=None) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (``digest``: a running hash to update instead)."""
+    h = digest if digest is not None else hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(root: str | Path) -> str:
+    """Hex sha256 over every file below ``root`` (relative names and bytes, in sorted order)."""
+    root, h = Path(root), hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(file.relative_to(root).as_posix().encode())
+        sha256_file(file, h)
+    return h.hexdigest()

@@ -2,7 +2,7 @@
 
 kdpipe-eval model_path=logs/runs/<run>/03_sft_fast/export
 kdpipe-eval model_path=... split=val style=fast limit=100
-kdpipe-eval model_path=... device=npu          # on an Ascend NPU (torch_npu + CANN; README: Running on Ascend)
+kdpipe-eval model_path=... device=npu          # on an Ascend NPU (torch_npu + CANN; docs/ascend.md)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
 from kdpipe.data.collate import Collator
-from kdpipe.data.encode import EncodedExample
+from kdpipe.types import EncodedExample
 from kdpipe.store.writer import StoreWriter
 
 FILLER = -1  # index of a filler row: scored to keep ranks in step, never written

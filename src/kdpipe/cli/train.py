@@ -4,8 +4,8 @@ kdpipe-train                                   # the default pipeline on the bui
 kdpipe-train pipeline=tiny logger=csv          # another pipeline, CSV logs
 kdpipe-train 'pipeline.order=[teacher_sft,sft_fast]'
 kdpipe-train resume=logs/runs/2026-11-23_10-00-00   # continue an interrupted run
-kdpipe-train trainer=npu                       # on one Ascend NPU (torch_npu + CANN; README: Running on Ascend)
-kdpipe-train trainer=ddp trainer.devices=4     # every stage on 4 GPUs (kdpipe.pipeline.launch: how ranks start)
+kdpipe-train trainer=npu                       # on one Ascend NPU (torch_npu + CANN; docs/ascend.md)
+kdpipe-train trainer=ddp trainer.devices=4     # every stage on 4 GPUs (kdpipe.lightning.launch: how ranks start)
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import hydra
 from omegaconf import DictConfig
 
 from kdpipe.accelerators import register as register_accelerators
-from kdpipe.pipeline import launch
+from kdpipe.errors import PipelineConfigError
+from kdpipe.lightning import launch
 from kdpipe.pipeline.runner import run_pipeline
-from kdpipe.pipeline.spec import PipelineConfigError
 from kdpipe.utils.dist import global_rank, is_rank_zero
 from kdpipe.utils.paths import config_dir
 from kdpipe.utils.quiet import quiet_third_party
@@ -56,7 +56,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def run_joined_rank(cfg: DictConfig) -> None:
     """A rank that Lightning's launcher started for a running pipeline: run the launching job's config (see
-    :mod:`kdpipe.pipeline.launch`), then exit; Hydra never sees the repeated command line."""
+    :mod:`kdpipe.lightning.launch`), then exit; Hydra never sees the repeated command line."""
     _train_or_exit(cfg, f"kdpipe-train (rank {global_rank()})")
 
 

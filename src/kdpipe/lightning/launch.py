@@ -19,7 +19,7 @@ Design. A pipeline is several stages, and only some of them train: a multi-proce
   *composed and resolved* config to a temp file and names it in ``KDPIPE_JOIN_CONFIG``; ``kdpipe-train`` in a
   child sees that variable before Hydra parses anything and runs exactly that config (same run dir, same job).
   Hence a pipeline that starts processes itself must be started by ``kdpipe-train`` (or ``python -m
-  kdpipe.train``); a script calling :func:`~kdpipe.pipeline.runner.run_pipeline` needs torchrun or SLURM.
+  kdpipe.cli.train``); a script calling :func:`~kdpipe.pipeline.runner.run_pipeline` needs torchrun or SLURM.
 * **Multirun.** The group belongs to the job: at the end of each job the parent destroys it and forgets the
   launcher's variables (``LOCAL_RANK``, ``MASTER_PORT``, ...), its children exit, and the next job starts its
   own ranks on a fresh port.
@@ -39,7 +39,6 @@ Design. A pipeline is several stages, and only some of them train: a multi-proce
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import tempfile
@@ -50,57 +49,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from omegaconf import DictConfig, OmegaConf
 
-from kdpipe.pipeline.spec import PipelineConfigError
+from kdpipe.errors import PipelineConfigError
+from kdpipe.lightning.strategy import check_strategy, maybe_several_processes, strategy_name
+from kdpipe.lightning.trainer import instantiate_trainer
 from kdpipe.utils.dist import is_initialized
 
 JOIN_ENV = "KDPIPE_JOIN_CONFIG"  # path of the config a rank started by Lightning's launcher runs
 # what Lightning's subprocess launcher puts into the parent's environment when it starts the children
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 ENTRY_POINT = False  # set by ``kdpipe-train``: this process's command line can be re-run as a rank
-
-
-def _strategy_name(trainer_cfg: DictConfig) -> str:
-    """The configured strategy, lower-cased: a registry name (``ddp``) or a class path (``...FSDPStrategy``)."""
-    strategy = trainer_cfg.get("strategy")
-    if isinstance(strategy, DictConfig):
-        return str(strategy.get("_target_", "")).lower()
-    return str(strategy or "auto").lower()
-
-
-def check_strategy(trainer_cfg: DictConfig) -> None:
-    """Refuse strategies kdpipe cannot run, before any stage: DeepSpeed without its extra, ZeRO stage 3."""
-    name = _strategy_name(trainer_cfg)
-    if "deepspeed" in name:
-        strategy = trainer_cfg.get("strategy")
-        if "stage_3" in name or (isinstance(strategy, DictConfig) and strategy.get("stage") == 3):
-            raise PipelineConfigError(
-                "DeepSpeed ZeRO stage 3 partitions the weights, which kdpipe's exports and fused LM-head loss need "
-                "whole: use stage 1 or 2 (trainer=deepspeed), or trainer=fsdp to shard the model"
-            )
-        if importlib.util.find_spec("deepspeed") is None:
-            raise PipelineConfigError(
-                "trainer=deepspeed needs DeepSpeed: pip install 'kdpipe[deepspeed]' (or pip install deepspeed)"
-            )
-
-
-def _maybe_several_processes(trainer_cfg: DictConfig) -> bool:
-    """False when the config surely means one process (cheap: no Trainer is built for the common case)."""
-    if int(os.environ.get("WORLD_SIZE", 1) or 1) > 1 or int(trainer_cfg.get("num_nodes", 1) or 1) > 1:
-        return True
-    devices = trainer_cfg.get("devices", "auto")
-    if isinstance(devices, ListConfig | list | tuple):
-        return len(devices) > 1
-    return str(devices).strip() not in ("1", "[1]")
-
-
-def shards_weights(strategy) -> bool:
-    """Whether a Lightning strategy keeps only a shard of the weights on each rank (FSDP, DeepSpeed ZeRO 3), so
-    that the whole model exists only inside its forward or in a gathered state dict."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy) or bool(getattr(strategy, "zero_stage_3", False))
 
 
 def _write_join_config(cfg: DictConfig) -> str:
@@ -140,19 +100,15 @@ def start_ranks(cfg: DictConfig) -> DistributedJob:
     """Start the job's other processes (when none exist yet) and join the process group, before stage 0.
 
     A no-op for a one-process trainer config, or when a process group exists already (the caller owns it)."""
-    from kdpipe.pipeline.stages import instantiate_trainer  # stages imports the modules: keep this module light
-
     check_strategy(cfg.trainer)
-    if is_initialized() or not _maybe_several_processes(cfg.trainer):
+    if is_initialized() or not maybe_several_processes(cfg.trainer):
         return DistributedJob()
     trainer = instantiate_trainer(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     strategy = trainer.strategy
     launcher = strategy.launcher
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
     if isinstance(launcher, _MultiProcessingLauncher):
         raise PipelineConfigError(
-            f"trainer.strategy={_strategy_name(cfg.trainer)!r} starts processes by spawning or forking, once per "
+            f"trainer.strategy={strategy_name(cfg.trainer)!r} starts processes by spawning or forking, once per "
             "fit, which a multi-stage pipeline cannot use: use strategy=ddp (trainer=ddp or trainer=ddp_cpu), "
             "which runs every rank through the whole pipeline"
         )
@@ -174,7 +130,7 @@ def start_ranks(cfg: DictConfig) -> DistributedJob:
         if not ENTRY_POINT:
             raise PipelineConfigError(
                 "a multi-process trainer starts its other processes by re-running the command, which only "
-                "kdpipe-train (or python -m kdpipe.train) can do for a pipeline: run it that way, or start every "
+                "kdpipe-train (or python -m kdpipe.cli.train) can do for a pipeline: run it that way, or start every "
                 "process yourself (torchrun, srun)"
             )
         job.restore_env = {key: os.environ.get(key) for key in (*LAUNCHER_ENV, JOIN_ENV)}

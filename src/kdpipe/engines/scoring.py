@@ -1,0 +1,115 @@
+"""Teacher scoring as a library function: a teacher over encoded examples into a content-addressed store.
+
+The store's name is derived from everything that determines its content (teacher and tokenizer fingerprints,
+the data, k, temperature), so any caller scoring the same inputs (a pipeline's ``score`` stage,
+``kdpipe-score``, a notebook) finds and reuses it. Concurrent callers wait on a lock beside the store while
+the first one writes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdpipe.engines.predict_writer import ScoreDataModule, StoreWriterCallback
+from kdpipe.errors import PipelineConfigError
+from kdpipe.lightning.strategy import shards_weights
+from kdpipe.lightning.trainer import instantiate_trainer
+from kdpipe.modules.scorer import TeacherScorer
+from kdpipe.store import codec
+from kdpipe.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+from kdpipe.store.fingerprint import data_fingerprint
+from kdpipe.store.reader import TeacherStore
+from kdpipe.store.writer import MANIFEST, StoreWriter
+from kdpipe.types import EncodedExample
+from kdpipe.utils.claim import claimed
+from kdpipe.utils.dist import rank_zero_console, run_on_rank_zero
+
+console = rank_zero_console()
+CPU_TRAINER = {"_target_": "lightning.Trainer", "accelerator": "auto", "devices": 1, "enable_model_summary": False}
+
+
+def store_meta(model, tokenizer, examples: list[EncodedExample], style: str, split: str, k: int, temperature: float):
+    """What determines a store's content (recorded in its manifest and hashed into its name)."""
+    return {
+        "teacher": model_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": {**data_fingerprint(examples), "split": split, "style": style},
+        "k": k,
+        "temperature": temperature,
+    }
+
+
+def store_path(store_root: str | Path, meta: dict) -> Path:
+    """``<store_root>/<style>-<split>-k<k>-<hash of meta>``."""
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    data = meta["data"]
+    return Path(store_root).expanduser().resolve() / f"{data['style']}-{data['split']}-k{meta['k']}-{key}"
+
+
+def score_teacher(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[EncodedExample],
+    *,
+    style: str,
+    split: str,
+    store_root: str | Path,
+    k: int = 16,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    shard_size: int = 2048,
+    chunk_size: int = 4096,
+    precision: str | None = "32-true",
+    trainer: DictConfig | dict | None = None,
+) -> Path:
+    """Score ``examples`` (encoded in ``style``) with the teacher into a store and return its path; a complete
+    store with the same content is reused, an interrupted one is finished (complete shards are kept).
+
+    Args:
+        k, temperature: top-k entries stored per label position, and the teacher's softmax temperature.
+        split: the name of what was scored (``train``, ``rollouts``): part of the store's name and manifest.
+        batch_size, shard_size, chunk_size: sequences per forward, examples per shard file, label positions
+            per LM-head chunk (bounds the [positions x vocab] logits).
+        precision: the scoring precision (None: the trainer config's).
+        trainer: a ``lightning.Trainer`` config (``_target_`` and arguments; default: one device, auto).
+    """
+    if not 1 <= k <= len(tokenizer):
+        raise PipelineConfigError(f"k={k} must be in [1, vocab size {len(tokenizer)}]")
+    if not examples:
+        raise PipelineConfigError(f"nothing to score for style {style!r} ({split})")
+    meta = store_meta(model, tokenizer, examples, style, split, k, temperature)
+    path = store_path(store_root, meta)
+    # rank 0 decides for all; a concurrent job scoring the same store holds its lock: wait, then reuse it
+    with claimed(path, lambda: True if (path / MANIFEST).exists() else None) as found:
+        if found is not None:
+            console.print(f"reusing teacher store {path}")
+        else:
+            trainer_cfg = OmegaConf.create(trainer if trainer is not None else CPU_TRAINER)
+            spec = codec.make_spec(len(tokenizer), k)
+
+            def make_writer(rank: int, world_size: int) -> StoreWriter:
+                return StoreWriter(path, examples, meta, spec, shard_size, rank, world_size)
+
+            pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+            data = ScoreDataModule(examples, make_writer, batch_size, pad_id)
+            predictor = instantiate_trainer(
+                trainer_cfg,
+                callbacks=[StoreWriterCallback(data)],
+                logger=False,
+                default_root_dir=str(path.parent),
+                use_distributed_sampler=False,  # each rank scores its own shards
+                **({"precision": precision} if precision else {}),
+            )
+            data.equal_batches = shards_weights(predictor.strategy)  # FSDP: every forward is a collective
+            console.print(f"scoring {len(examples)} examples into {path} (complete shards are kept)")
+            scorer = TeacherScorer(model, k, temperature, chunk_size)
+            predictor.predict(scorer, datamodule=data, return_predictions=False)
+            predictor.strategy.barrier()  # every rank's shards are on disk
+            run_on_rank_zero(lambda: make_writer(0, 1).finalize())  # one manifest over them; the others wait
+    TeacherStore(path).check_compatible(tokenizer, examples)
+    return path

@@ -1,0 +1,256 @@
+"""The chunked LM-head loss: one chunking base and the per-chunk loss functions it runs.
+
+:func:`chunked_loss` walks the label positions in chunks of ``chunk_size``: it makes each chunk's logits
+``h @ W.T + b`` in float32 (float64 for float64 inputs), hands them to a chunk loss, and accumulates the gradients
+with respect to the hidden states, the weight and the bias from the chunk's ``d loss / d logits`` by two matmuls
+before the chunk's logits are freed. Peak memory grows with ``chunk_size x V``, not with ``N x V``; the three
+matmuls, which dominate the cost, are done by hand, outside autograd.
+
+A chunk loss takes ``(logits [n, V], positions)`` and returns :class:`ChunkTerms`: the chunk's weighted loss, its
+gradient with respect to the logits and the per-position diagnostics. There are two:
+
+* :func:`autograd_chunk`, for every setting: the terms of :func:`kdpipe.losses.kd.sparse_kd_terms` on the chunk
+  (one definition of every divergence), only this elementwise part through autograd;
+* :func:`closed_form_chunk`, for forward KL over the top-k + tail bins (or the full vocabulary): the gradient
+  written out, no autograd graph; it can take its CE and log-softmax from a fused op (the ``npu`` backend).
+
+The per-position weights (``Positions.w_ce``, ``Positions.w_div``) carry the normalisation and the ``ce_weight``
+mix, so the sum of the chunks' losses is the whole loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from kdpipe.losses.kd import sparse_kd_terms
+from kdpipe.losses.settings import KDLossSettings
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk when chunk_size is not given: 64 MiB in float32
+CEOp = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) -> (ce, log_sm)
+
+
+@dataclass
+class Positions:
+    """The label positions' inputs, 1-D over the positions in order (a chunk is a slice of them)."""
+
+    ids: torch.Tensor  # [n, k] teacher top-k ids
+    logprobs: torch.Tensor  # [n, k] their log-probs
+    tail: torch.Tensor  # [n] the teacher's tail log-prob
+    labels: torch.Tensor  # [n]
+    has_teacher: torch.Tensor  # [n] bool
+    w_ce: torch.Tensor  # [n] float64: the weight of each position's CE in the loss
+    w_div: torch.Tensor  # [n] float64: the weight of each position's divergence
+
+    def __getitem__(self, rows: slice) -> Positions:
+        return Positions(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+@dataclass
+class ChunkTerms:
+    """What a chunk loss gives back: the chunk's weighted loss, ``d loss / d logits`` and detached diagnostics."""
+
+    loss: torch.Tensor  # scalar, detached
+    grad: torch.Tensor  # [n, V]
+    ce: torch.Tensor
+    divergence: torch.Tensor
+    kd_mask: torch.Tensor
+    topk_mass: torch.Tensor
+    top1_agree: torch.Tensor
+
+
+ChunkLoss = Callable[[torch.Tensor, Positions], ChunkTerms]
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk so that one chunk's float32 logits take about 64 MiB."""
+    return max(16, CHUNK_ELEMENTS // vocab_size)
+
+
+def closed_form_applies(settings: KDLossSettings, k: int, vocab: int) -> bool:
+    """Forward KL over top-k + tail bucket (or the full vocabulary): the gradient has a closed form."""
+    return settings.divergence == "fkl" and (settings.tail == "bucket" or k == vocab)
+
+
+def chunk_loss_for(settings: KDLossSettings, k: int, vocab: int, ce_op: CEOp | None = None) -> ChunkLoss:
+    """The chunk loss for these settings: the closed form where it applies, else autograd."""
+    if closed_form_applies(settings, k, vocab):
+        return functools.partial(closed_form_chunk, settings=settings, ce_op=ce_op)
+    return functools.partial(autograd_chunk, settings=settings)
+
+
+def _weighted(ce: torch.Tensor, div: torch.Tensor, part: Positions) -> torch.Tensor:
+    return (ce * part.w_ce.to(ce.dtype)).sum() + (div * part.w_div.to(div.dtype)).sum()
+
+
+def autograd_chunk(logits: torch.Tensor, part: Positions, settings: KDLossSettings) -> ChunkTerms:
+    """Any divergence and tail mode: :func:`sparse_kd_terms` on the chunk, its logit gradient by autograd."""
+    with torch.enable_grad():
+        z = logits.requires_grad_(True)
+        terms = sparse_kd_terms(
+            z, part.ids, part.logprobs, part.tail, part.labels, settings, has_teacher=part.has_teacher
+        )
+        loss = _weighted(terms.ce, terms.divergence, part)
+        (grad,) = torch.autograd.grad(loss, z) if loss.requires_grad else (torch.zeros_like(z),)
+    return ChunkTerms(
+        loss.detach(),
+        grad,
+        terms.ce.detach(),
+        terms.divergence.detach(),
+        terms.kd_mask,
+        terms.topk_mass,
+        terms.top1_agree,
+    )
+
+
+def closed_form_chunk(
+    logits: torch.Tensor, part: Positions, settings: KDLossSettings, ce_op: CEOp | None = None
+) -> ChunkTerms:
+    """Per-position CE and forward KL of one chunk and the gradient of their weighted sum w.r.t. the logits,
+    with no autograd graph.
+
+    ``ce_op`` (the ``npu`` backend, with ``ce_weight > 0``) gives the CE and the log-softmax of the logits in one
+    fused call; they replace the logsumexp and the exp of the generic path (which runs unchanged without it).
+
+    With s = softmax(z), z = logits / T, bins K (teacher top-k) and the tail, P the teacher, q the student:
+    d KL(P||q) / dz_j = M s_j - P_j for j in K, and s_j (M - P_tail / q_tail) outside K, where M is the total
+    teacher mass over the bins (1 up to the stored values' rounding); the CE gradient
+    is softmax(logits) - onehot(label). The divergence is scaled by T^2 (so its logit gradient by T).
+    """
+    temperature, ce_weight = settings.temperature, settings.ce_weight
+    labels, kd_mask, t_lp, t_tail = part.labels, part.has_teacher, part.logprobs, part.tail
+    scale = temperature if settings.scale_by_t2 else 1.0 / temperature
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    vocab, k = logits.shape[-1], part.ids.shape[-1]
+    ids = torch.where(kd_mask[:, None], part.ids, 0)
+    p = torch.where(kd_mask[:, None], t_lp.to(logits.dtype).exp(), 0.0)
+    has_tail = k < vocab
+    p_tail = torch.where(kd_mask & has_tail, t_tail.to(logits.dtype).exp(), 0.0)
+    with torch.no_grad():
+        teacher_top1 = ids.gather(-1, torch.where(kd_mask[:, None], t_lp, 0.0).argmax(-1, keepdim=True)).squeeze(-1)
+        top1_agree = (logits.argmax(-1) == teacher_top1) & kd_mask
+        topk_mass = torch.where(kd_mask, p.sum(-1), 0.0)
+
+    w_ce = part.w_ce.to(logits.dtype)
+    ws = part.w_div.to(logits.dtype) * scale  # weight of the divergence gradient w.r.t. the logits
+    ce = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    div = torch.zeros_like(ce)
+    log_sm = None  # log-softmax of the logits (temperature 1), when the fused CE op made it
+    if ce_op is not None and ce_weight > 0.0:
+        ce, log_sm = ce_op(logits, labels)
+        lse1 = ce + logits[rows, labels]  # CE = lse - z_label
+    else:
+        lse1 = logits.logsumexp(-1) if ce_weight > 0.0 else None
+        if ce_weight > 0.0:
+            ce = lse1 - logits[rows, labels]
+    grad = None
+    if ce_weight < 1.0:
+        z = logits / temperature if temperature != 1.0 else logits
+        lse = lse1 if temperature == 1.0 and lse1 is not None else z.logsumexp(-1)
+        if log_sm is not None and temperature == 1.0:  # the op's log-softmax is log softmax(z)
+            log_q = log_sm.gather(-1, ids)
+            s, log_sm = log_sm.exp_(), None  # softmax(z): becomes the gradient buffer
+        else:
+            log_q = z.gather(-1, ids) - lse[:, None]
+            s = (z - lse[:, None]).exp_()  # softmax(z): becomes the gradient buffer
+        s_k = s.gather(-1, ids)
+        if has_tail:
+            q_tail = (1.0 - s_k.sum(-1)).clamp(min=0.0)
+            # 1 - sum loses precision when the student's tail is tiny: recompute those rows exactly
+            exact = q_tail < 1e-3
+            log_q_tail = q_tail.clamp(min=torch.finfo(q_tail.dtype).tiny).log()
+            if exact.any():
+                zr = z[exact].scatter(-1, ids[exact], float("-inf"))
+                log_q_tail[exact] = zr.logsumexp(-1) - lse[exact]
+            tail_term = torch.where(p_tail > 0, p_tail * (t_tail.to(z.dtype) - log_q_tail), 0.0)
+            ratio = torch.where(p_tail > 0, p_tail / log_q_tail.exp(), 0.0)
+        else:
+            tail_term = ratio = torch.zeros_like(lse)
+        div = torch.where(p > 0, p * (t_lp.to(z.dtype) - log_q), 0.0).sum(-1) + tail_term
+        div = torch.where(kd_mask, div, 0.0)
+        if settings.scale_by_t2:
+            div = div * temperature**2
+        # the stored bins need not sum to exactly 1 (float rounding): carry the teacher's total mass
+        mass = torch.where(kd_mask, p.sum(-1) + p_tail, 0.0)
+        if temperature == 1.0 and ce_weight > 0.0:  # one softmax serves CE and KL
+            s *= (w_ce + ws * (mass - ratio))[:, None]
+            s.scatter_(-1, ids, s_k * (w_ce + ws * mass)[:, None] - ws[:, None] * p)
+            s.index_put_((rows, labels), -w_ce, accumulate=True)
+            return ChunkTerms(_weighted(ce, div, part), s, ce, div, kd_mask, topk_mass, top1_agree)
+        s *= (ws * (mass - ratio))[:, None]
+        s.scatter_(-1, ids, ws[:, None] * (s_k * mass[:, None] - p))
+        grad = s
+    if ce_weight > 0.0:
+        soft = log_sm.exp_() if log_sm is not None else (logits - lse1[:, None]).exp_()
+        soft.index_put_((rows, labels), torch.full_like(lse1, -1.0), accumulate=True)
+        soft *= w_ce[:, None]
+        grad = soft if grad is None else grad.add_(soft)
+    return ChunkTerms(_weighted(ce, div, part), grad, ce, div, kd_mask, topk_mass, top1_agree)
+
+
+def _accumulate(dz, h, w_mat, start, stop, grad_h, grad_w, grad_b, hidden) -> None:
+    """Gradients of one chunk w.r.t. its hidden states, the weight and the bias, from d loss / d logits."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if grad_h is not None:
+            grad_h[start:stop] = (dz @ w_mat).to(hidden.dtype)
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), h)
+        if grad_b is not None:
+            grad_b += dz.sum(0)
+
+
+class _Chunked(torch.autograd.Function):
+    """The loss as one autograd node: forward runs every chunk and keeps the parameter gradients for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, positions: Positions, chunk_loss: ChunkLoss, chunk: int, sink: list):
+        compute = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=compute, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=compute, device=hidden.device)
+        w_mat = weight.to(compute)
+        b_vec = bias.to(compute) if bias is not None else None
+        for start in range(0, hidden.shape[0], chunk):
+            stop = min(start + chunk, hidden.shape[0])
+            h = hidden[start:stop].to(compute)
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                logits = h @ w_mat.t()
+                if b_vec is not None:
+                    logits = logits + b_vec
+            terms = chunk_loss(logits, positions[start:stop])
+            del logits
+            _accumulate(terms.grad, h, w_mat, start, stop, grad_h, grad_w, grad_b, hidden)
+            total += terms.loss
+            terms.grad = None  # the chunk's [n, V] buffer goes before the next chunk's logits are made
+            sink.append(terms)
+        ctx.grads = (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*(g * grad_out.to(g.dtype) if g is not None else None for g in ctx.grads), None, None, None, None)
+
+
+def chunked_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: Positions,
+    chunk_loss: ChunkLoss,
+    chunk_size: int,
+) -> tuple[torch.Tensor, list[ChunkTerms]]:
+    """The loss over ``positions`` (``hidden`` [n, H] holds their hidden states) with gradients to ``hidden``,
+    ``weight`` and ``bias``, and each chunk's :class:`ChunkTerms` (``grad`` dropped), in order."""
+    sink: list[ChunkTerms] = []
+    loss = _Chunked.apply(hidden, weight, bias, positions, chunk_loss, chunk_size, sink)
+    return loss, sink

@@ -1,0 +1,199 @@
+"""The path every training kind shares: DataModule, Trainer, fit (resuming ``last.ckpt``), export, evaluate."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from kdpipe.data.datamodule import PostTrainDataModule
+from kdpipe.data.encode import system_prompt_for
+from kdpipe.data.scorers import needs_model, needs_store, scorer_config
+from kdpipe.data.sources import load_examples
+from kdpipe.errors import PipelineConfigError
+from kdpipe.eval import evaluate_model
+from kdpipe.lightning.loggers import finish_loggers, make_loggers
+from kdpipe.lightning.strategy import shards_weights
+from kdpipe.lightning.trainer import inference_device, instantiate_trainer
+from kdpipe.models.factory import count_parameters
+from kdpipe.models.lora import merged
+from kdpipe.modules import SFTModule
+from kdpipe.pipeline.result import StageResult
+from kdpipe.pipeline.stages.context import StageContext
+from kdpipe.pipeline.stages.weights import export_model, trained_model
+from kdpipe.store.reader import TeacherStore
+from kdpipe.utils.dist import rank_zero_console, run_on_rank_zero
+from kdpipe.utils.io import atomic_write_text
+from kdpipe.utils.memory import peak_memory_mb
+
+console = rank_zero_console()
+
+
+def optimizer_parts(settings: DictConfig) -> dict:
+    """Module arguments shared by SFT and KD stages: optimizer, schedule, weight decay, loss implementation."""
+    return {
+        "optimizer": hydra.utils.instantiate(settings.optimizer),
+        "scheduler": hydra.utils.instantiate(settings.scheduler) if settings.get("scheduler") else None,
+        "weight_decay": float(settings.weight_decay),
+        "loss_impl": str(settings.loss_impl),
+        "chunk_size": None if settings.loss_chunk_size in (None, "auto") else int(settings.loss_chunk_size),
+        "loss_backend": str(settings.get("loss_backend", "auto")),  # runs saved before the key existed: auto
+    }
+
+
+def evaluate_stage(ctx: StageContext, model, tokenizer) -> dict:
+    """Generation-based evaluation on ``settings.eval.split``, prompted in ``eval.style`` (default: the
+    stage's first style); writes ``generations.jsonl``."""
+    eval_cfg = ctx.settings.eval
+    style = str(eval_cfg.get("style") or ctx.styles[0])
+    examples = load_examples(ctx.cfg.data, str(eval_cfg.split))
+    if eval_cfg.get("limit"):
+        examples = examples[: int(eval_cfg.limit)]
+    model.to(inference_device(ctx.cfg.trainer))
+    metrics, records = evaluate_model(
+        model,
+        tokenizer,
+        examples,
+        style=style,
+        system_prompt=system_prompt_for(ctx.cfg.data, style),
+        batch_size=int(eval_cfg.batch_size),
+        max_new_tokens=int(eval_cfg.max_new_tokens),
+        description=f"eval {ctx.spec.name}",
+    )
+    atomic_write_text(ctx.stage_dir / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return {**metrics, "eval_split": str(eval_cfg.split)}
+
+
+def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None, onpolicy=None) -> PostTrainDataModule:
+    """The stage's DataModule; ``model`` is what a ``student_loss`` curriculum scores with; ``onpolicy`` is
+    ``(rollout records, their store, lambda)`` for a KD stage that mixes in the student's own responses."""
+    settings = ctx.settings
+    scorer_store = None
+    if store is None and onpolicy is None and needs_store(settings.curriculum):  # e.g. SFT ordered by teacher_nll
+        style = ctx.styles[0]
+        if (style, "labels") not in ctx.stores:
+            raise PipelineConfigError(
+                f"stage {ctx.spec.name!r}: curriculum.scorer={scorer_config(settings.curriculum)['name']} reads "
+                f"the teacher store of style {style!r}: put a `score` stage before it"
+            )
+        scorer_store = TeacherStore(ctx.stores[(style, "labels")])
+    return PostTrainDataModule(
+        tokenizer,
+        data=ctx.cfg.data,
+        style=ctx.styles,
+        curriculum=settings.curriculum,
+        batch_size=int(settings.batch_size),
+        num_batches=int(settings.max_steps) * int(settings.accumulate_grad_batches),
+        seed=ctx.seed,
+        eval_batch_size=int(settings.eval.batch_size),
+        store=store,
+        scorer_store=scorer_store,
+        scorer_model=model if needs_model(settings.curriculum) else None,
+        score_cache_dir=ctx.stage_dir / "scores",
+        train_fraction=float(settings.get("train_fraction", 1.0)),
+        **(dict(zip(("onpolicy_examples", "onpolicy_store", "onpolicy_lambda"), onpolicy)) if onpolicy else {}),
+    )
+
+
+def make_trainer(ctx: StageContext, max_steps: int, loggers: list) -> L.Trainer:
+    """The stage's Trainer: the configured callbacks plus ``last.ckpt`` every N steps, one curriculum epoch."""
+    settings = ctx.settings
+    callbacks = [hydra.utils.instantiate(c) for c in (ctx.cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(
+        ModelCheckpoint(
+            dirpath=ctx.stage_dir / "checkpoints",
+            filename="step{step}",
+            every_n_train_steps=int(settings.checkpoint_every_n_steps),
+            save_last=True,
+            save_top_k=0,
+        )
+    )
+    val_every = min(int(settings.val_every_n_steps), max_steps * int(settings.accumulate_grad_batches))
+    # the curriculum sampler resumes mid-epoch itself (it skips the consumed batches): Lightning's warning
+    # about non-resumable dataloaders does not apply
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    return instantiate_trainer(
+        ctx.cfg.trainer,
+        log_every_n_steps=min(int(ctx.cfg.trainer.get("log_every_n_steps", 50)), max_steps),
+        max_steps=max_steps,
+        max_epochs=1,  # the curriculum plan is one long "epoch" of exactly max_steps batches
+        val_check_interval=val_every,
+        accumulate_grad_batches=int(settings.accumulate_grad_batches),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(ctx.stage_dir),
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the curriculum sampler already gives each rank its part
+    )
+
+
+def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostTrainDataModule) -> StageResult:
+    """Fit ``module`` for the stage's steps (resuming from ``last.ckpt``), export it, evaluate it."""
+    settings = ctx.settings
+    max_steps = int(settings.max_steps)
+    last = ctx.stage_dir / "checkpoints" / "last.ckpt"
+    resume_from = str(last) if last.exists() else None
+    if resume_from:
+        console.print(f"[yellow]resuming stage {ctx.spec.dirname} from {last}")
+    loggers = make_loggers(ctx.cfg.get("logger"), ctx.run_dir, ctx.stage_dir, ctx.spec.dirname)
+    trainer = make_trainer(ctx, max_steps, loggers)
+    if datamodule.scorer_model is not None and shards_weights(trainer.strategy):
+        finish_loggers(loggers)
+        raise PipelineConfigError(
+            f"stage {ctx.spec.name!r}: curriculum.scorer=student_loss runs the model outside the training step, "
+            "where a sharded strategy (FSDP) holds only a shard of it: use trainer=ddp, or another scorer"
+        )
+    L.seed_everything(ctx.seed, verbose=False)
+    module.model.train()
+    started = time.perf_counter()
+    try:
+        # our own checkpoints hold tensors and plain containers only: load them without unpickling code
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"stage {ctx.spec.dirname} interrupted at step {trainer.global_step}")
+        trainer.save_checkpoint(last, weights_only=False)  # full state: weights, optimizer, loops
+    finally:
+        finish_loggers(loggers)
+    seconds = time.perf_counter() - started
+    whole = trained_model(ctx, trainer, module)  # every rank calls it (a gather, for a sharded strategy)
+    metrics = {
+        "train_seconds": seconds,
+        "steps": trainer.global_step,
+        "train_examples": len(datamodule.encode_split("train")),
+        "dropped_too_long": datamodule.dropped.get("train", 0),
+        "truncated_too_long": getattr(datamodule, "truncated", {}).get("train", 0),
+        "skipped_invalid": getattr(datamodule, "skipped_invalid", {}).get("train", 0),
+        **{k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()},
+        **module.throughput(),
+        **peak_memory_mb(),
+        "world_size": trainer.world_size,
+    }
+    # optimizer steps per second of training-step time (this process's steps; validation excluded)
+    metrics["steps_per_s"] = metrics["batches_per_s"] / int(settings.accumulate_grad_batches)
+
+    def export_and_evaluate() -> StageResult:  # rank 0: the others wait, then read the export
+        trainable = count_parameters(whole, trainable_only=True)
+        model = merged(whole)  # LoRA: the adapters merged in; the export and the evaluation use this model
+        found = {"parameters": count_parameters(model), "trainable_parameters": trainable}
+        export = export_model(model, tokenizer, ctx.stage_dir / "export")
+        if settings.eval.enabled:
+            found.update(evaluate_stage(ctx, model, tokenizer))
+        return StageResult(found, export=export)
+
+    result = run_on_rank_zero(export_and_evaluate)
+    result.metrics = {**metrics, **result.metrics}
+    metrics = result.metrics
+    console.print(
+        f"stage {ctx.spec.dirname}: {metrics['steps']} steps in {seconds:.1f}s, {metrics['steps_per_s']:.3g} "
+        f"steps/s ({metrics['tokens_per_s']:,.0f} tokens/s) in training steps"
+        + (f" on {trainer.world_size} ranks (this rank's)" if trainer.world_size > 1 else "")
+        + f", {metrics['trainable_parameters']:,} of {metrics['parameters']:,} parameters trained, "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in peak_memory_mb().items())
+        + " (process peak so far)"
+    )
+    return result

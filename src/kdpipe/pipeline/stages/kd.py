@@ -1,0 +1,38 @@
+"""``kd``: distillation from a stored teacher signal (plus CE on the labels), then (optionally) evaluation.
+
+``onpolicy_lambda`` > 0 mixes in the student's own responses (a rollout set scored by the teacher): that share
+of every batch is on-policy, the rest label-conditioned."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from kdpipe.data.rollouts import load_rollouts
+from kdpipe.errors import PipelineConfigError
+from kdpipe.modules import KDModule
+from kdpipe.pipeline.result import StageResult
+from kdpipe.pipeline.stages.context import StageContext
+from kdpipe.pipeline.stages.fit import fit_stage, make_datamodule, optimizer_parts
+from kdpipe.pipeline.stages.weights import load_trainable
+from kdpipe.store.reader import TeacherStore
+
+
+def run_kd(ctx: StageContext) -> StageResult:
+    ratio = float(ctx.settings.onpolicy_lambda)
+    if not 0.0 <= ratio <= 1.0:
+        raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.onpolicy_lambda={ratio} must be in [0, 1]")
+    store = TeacherStore(ctx.store("store")) if ratio < 1 else None
+    onpolicy = None
+    if ratio > 0:
+        onpolicy_store = TeacherStore(ctx.store("onpolicy_store", sequences="rollouts"))
+        onpolicy = (load_rollouts(ctx.rollout_set(ctx.styles[0])), onpolicy_store, ratio)
+    model, tokenizer = load_trainable(ctx)
+    module = KDModule(model, loss=OmegaConf.to_container(ctx.settings.loss, resolve=True), **optimizer_parts(ctx.settings))
+    datamodule = make_datamodule(ctx, tokenizer, store=store, model=module.model, onpolicy=onpolicy)
+    result = fit_stage(ctx, module, tokenizer, datamodule)
+    if store is not None:
+        result.reads["store"] = str(store.path)
+    if onpolicy is not None:
+        result.reads["onpolicy_store"] = str(onpolicy[1].path)
+        result.metrics["onpolicy_examples"] = len(datamodule.encode_onpolicy())
+    return result

@@ -1,0 +1,78 @@
+"""``score``: the teacher over each style's label sequences (or the student's rollouts) into a store, through
+:func:`kdpipe.engines.score_teacher` (a store with the same content is reused)."""
+
+from __future__ import annotations
+
+import time
+
+from kdpipe.data.datamodule import encode_examples
+from kdpipe.data.rollouts import load_rollouts
+from kdpipe.data.sources import load_examples
+from kdpipe.engines import score_teacher, store_path
+from kdpipe.engines.scoring import store_meta
+from kdpipe.errors import PipelineConfigError
+from kdpipe.lightning.strategy import wrapped_in_place
+from kdpipe.pipeline.result import SEQUENCES, StageResult, StoreRef
+from kdpipe.pipeline.stages.context import StageContext
+from kdpipe.pipeline.stages.weights import load_model_and_tokenizer
+from kdpipe.store.reader import TeacherStore
+from kdpipe.store.writer import MANIFEST
+from kdpipe.utils.dist import rank_zero_console
+
+console = rank_zero_console()
+
+
+def run_score(ctx: StageContext) -> StageResult:
+    settings = ctx.settings
+    model, tokenizer = load_model_and_tokenizer(ctx)
+    if ctx.start_from is None and ctx.model_cfg.source == "config":
+        console.print(f"[yellow]warning: scoring an untrained {ctx.spec.model!r} (no earlier stage trained it)")
+    k, temperature, sequences = int(settings.k), float(settings.temperature), str(settings.sequences)
+    if sequences not in SEQUENCES:
+        raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.sequences={sequences!r}: labels | rollouts")
+    if not 1 <= k <= len(tokenizer):
+        raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.k={k} must be in [1, vocab size {len(tokenizer)}]")
+    result = StageResult({})
+    for style in map(str, settings.styles):
+        if sequences == "rollouts":  # the student's own responses: on-policy distillation
+            raw, split = load_rollouts(ctx.rollout_set(style)), "rollouts"
+        else:
+            raw, split = load_examples(ctx.cfg.data, str(settings.split)), str(settings.split)
+        examples, _ = encode_examples(tokenizer, ctx.cfg.data, raw, [style])
+        if not examples:
+            raise PipelineConfigError(f"stage {ctx.spec.name!r}: nothing to score for style {style!r} ({sequences})")
+        expected = store_path(settings.store_root, store_meta(model, tokenizer, examples, style, split, k, temperature))
+        reused = (expected / MANIFEST).exists()
+        started = time.perf_counter()
+        path = score_teacher(
+            model,
+            tokenizer,
+            examples,
+            style=style,
+            split=split,
+            store_root=str(settings.store_root),
+            k=k,
+            temperature=temperature,
+            batch_size=int(settings.batch_size),
+            shard_size=int(settings.shard_size),
+            chunk_size=int(settings.chunk_size),
+            precision=settings.get("precision"),
+            trainer=ctx.cfg.trainer,
+        )
+        if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
+            model, _ = load_model_and_tokenizer(ctx)
+        manifest = TeacherStore(path).manifest
+        nbytes = sum((path / sh["file"]).stat().st_size for sh in manifest["shards"])
+        rows = int(manifest["total_rows"])
+        result.stores.append(StoreRef(style, sequences, path))
+        result.metrics[f"{style}_{'rollout_' if sequences == 'rollouts' else ''}store"] = {
+            "name": path.name,
+            "reused": reused,
+            "examples": len(examples),
+            "label_tokens": rows,
+            "bytes": nbytes,
+            "bytes_per_token": nbytes / max(rows, 1),
+            "bytes_per_entry": nbytes / max(rows * k, 1),
+            "seconds": time.perf_counter() - started,
+        }
+    return result

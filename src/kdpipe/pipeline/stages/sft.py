@@ -1,0 +1,15 @@
+"""``sft``: supervised fine-tuning on one or more response styles, then (optionally) evaluation."""
+
+from __future__ import annotations
+
+from kdpipe.modules import SFTModule
+from kdpipe.pipeline.result import StageResult
+from kdpipe.pipeline.stages.context import StageContext
+from kdpipe.pipeline.stages.fit import fit_stage, make_datamodule, optimizer_parts
+from kdpipe.pipeline.stages.weights import load_trainable
+
+
+def run_sft(ctx: StageContext) -> StageResult:
+    model, tokenizer = load_trainable(ctx)
+    module = SFTModule(model, **optimizer_parts(ctx.settings))
+    return fit_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer, model=model))
