@@ -13,19 +13,24 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.accelerators import register as register_accelerators
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning import launch
 from kdpipe.pipeline.runner import run_pipeline
+from kdpipe.pipeline.state import PipelineRun
 from kdpipe.utils.dist import global_rank, is_rank_zero
 from kdpipe.utils.paths import config_dir
 from kdpipe.utils.quiet import quiet_third_party
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run the pipeline ``cfg`` describes and return the results payload. No global side effects."""
+def train(cfg: DictConfig) -> PipelineRun:
+    """Run the pipeline ``cfg`` describes; returns its metrics (``.results``) and, apart, each stage's typed
+    result (``.result(name)``: export, stores, rollouts). No global side effects."""
     return run_pipeline(cfg)
 
 
@@ -37,7 +42,7 @@ def final_metric(payload: dict, name: str) -> float | None:
     return None
 
 
-def _train_or_exit(cfg: DictConfig, prog: str) -> dict:
+def _train_or_exit(cfg: DictConfig, prog: str) -> PipelineRun:
     """:func:`train` for a command: a config error is printed (after ``prog``) and exits with status 2."""
     quiet_third_party()
     register_accelerators()  # Trainer(accelerator="npu"); imports no torch_npu
@@ -50,8 +55,24 @@ def _train_or_exit(cfg: DictConfig, prog: str) -> dict:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    payload = _train_or_exit(cfg, "kdpipe-train")
-    return final_metric(payload, str(cfg.get("optimized_metric", "accuracy")))
+    run = _train_or_exit(cfg, "kdpipe-train")
+    return final_metric(run.results, str(cfg.get("optimized_metric", "accuracy")))
+
+
+def show_sweep_configs(args: list[str]) -> None:
+    """``kdpipe-train -m <sweep> --cfg job|all``: print the config of every job the sweep would run (Hydra
+    itself refuses ``--cfg`` with ``-m``). Only the basic sweeper's ``a,b`` and ``range()`` sweeps are
+    expanded; a sweeper plugin's own search space (Optuna's ``interval``) is listed, not sampled."""
+    which = args[args.index("--cfg") + 1] if "--cfg" in args[:-1] else "job"
+    skip = {"-m", "--multirun", "--cfg", which}
+    overrides = [a for a in args if a not in skip]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
+        for number, job in enumerate(jobs):
+            cfg = compose("train", overrides=list(job), return_hydra_config=which == "all")
+            print(f"# job {number}: {' '.join(job)}")
+            print(OmegaConf.to_yaml(cfg))
 
 
 def run_joined_rank(cfg: DictConfig) -> None:
@@ -70,6 +91,10 @@ def main() -> None:
         sys.exit(2)
     if joined is not None:
         run_joined_rank(joined)
+        return
+    args = sys.argv[1:]
+    if {"-m", "--multirun"} & set(args) and {"--cfg", "-c"} & set(args):
+        show_sweep_configs(["--cfg" if a == "-c" else a for a in args])
         return
     if not is_rank_zero():  # started by torchrun / srun: rank 0 alone writes Hydra's config copy and job log
         given = {arg.split("=", 1)[0] for arg in sys.argv[1:]}

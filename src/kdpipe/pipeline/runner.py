@@ -18,7 +18,7 @@ from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.sharing import find_shared, publish_shared, shared_dir
 from kdpipe.pipeline.spec import StageSpec, complete_stages, resolve_stages
 from kdpipe.pipeline.stages import RANK_ZERO_KINDS, STAGE_KINDS, StageContext
-from kdpipe.pipeline.state import STATE_FILE, PipelineState
+from kdpipe.pipeline.state import STATE_FILE, PipelineRun, PipelineState
 from kdpipe.utils.claim import claimed
 from kdpipe.utils.config import print_and_save_config
 from kdpipe.utils.dist import barrier, broadcast_object, is_rank_zero, rank_zero_console, run_on_rank_zero, world_size
@@ -75,8 +75,8 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, list[StageSpec]]:
     return cfg, run_dir, specs
 
 
-def run_pipeline(cfg: DictConfig) -> dict:
-    """Run (or resume) the pipeline a config describes; returns the ``results.json`` payload.
+def run_pipeline(cfg: DictConfig) -> PipelineRun:
+    """Run (or resume) the pipeline a config describes; returns its metrics and, apart, its stages' results.
 
     With a multi-process trainer every rank runs this, in step, over one process group (see
     :mod:`kdpipe.lightning.launch`): training and scoring stages on every rank, everything else on global rank 0."""
@@ -110,7 +110,7 @@ def run_stage(ctx: StageContext) -> StageResult:
         return result
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> dict:
+def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> PipelineRun:
     # ranks started by torchrun or srun compose their own config: they all take rank 0's run dir
     agreed = Path(broadcast_object(str(run_dir)))
     if agreed != run_dir:
@@ -151,4 +151,4 @@ def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> dict:
     if rank_zero:
         Console(width=max(console.width, 132)).print(rich_table(payload, title=f"kdpipe results: {run_dir}"))
         console.print(f"results: {run_dir / 'results.md'}  plot: {run_dir / 'results.png'}")
-    return payload
+    return PipelineRun(run_dir, payload, state.stages)

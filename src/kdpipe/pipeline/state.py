@@ -140,3 +140,20 @@ class PipelineState:
         record = self.stages[index]
         record.status, record.result, record.finished_at = "done", result, time.time()
         self.save()
+
+
+@dataclass
+class PipelineRun:
+    """What :func:`~kdpipe.pipeline.runner.run_pipeline` returns: the metrics (``results``, as in
+    ``results.json``) and, apart from them, every stage's typed result (exports, stores, rollout sets)."""
+
+    run_dir: Path
+    results: dict
+    stages: list[StageRecord]
+
+    def result(self, name: str) -> StageResult:
+        """The result of the last finished stage called ``name``."""
+        for record in reversed(self.stages):
+            if record.name == name and record.result is not None:
+                return record.result
+        raise KeyError(f"no finished stage {name!r} in {self.run_dir}")
