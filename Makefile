@@ -45,13 +45,14 @@ bench: install  ## every benchmark: prints tables, writes JSON under logs/bench/
 	$(VENV)/bin/kdpipe-bench loss --json logs/bench/loss.json
 	$(VENV)/bin/kdpipe-bench step --json logs/bench/step.json
 
-lint: install
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+lint: install  ## ruff (style), and import-linter: imports point one way (pyproject.toml [tool.importlinter])
+	$(VENV)/bin/ruff check src tests notebooks
+	$(VENV)/bin/ruff format --check src tests notebooks
+	$(VENV)/bin/lint-imports
 
 format: install
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests notebooks
+	$(VENV)/bin/ruff format src tests notebooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,12 +21,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from kdpipe.benchmarks.store import synthetic_teacher
 from kdpipe.data.collate import Collator, KDCollator
-from kdpipe.types import IGNORE_INDEX, EncodedExample
 from kdpipe.losses import KDLossSettings
 from kdpipe.modules import KDModule, SFTModule
 from kdpipe.store import codec
 from kdpipe.store.reader import TeacherStore
 from kdpipe.store.writer import StoreWriter
+from kdpipe.types import IGNORE_INDEX, EncodedExample
 
 MODELS = {  # name: (llama config kwargs, batch size, sequence length)
     "demo-student": (

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.types import EncodedExample
 from kdpipe.modules.scorer import topk_signal
 from kdpipe.store import codec
 from kdpipe.store.reader import TeacherStore
 from kdpipe.store.writer import StoreWriter
+from kdpipe.types import EncodedExample
 
 FLOAT32_BYTES_PER_ENTRY = 8  # int32 id + float32 log-prob: the uncompressed top-k baseline
 

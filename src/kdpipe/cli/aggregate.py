@@ -24,9 +24,10 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json
+from kdpipe.utils.plots import save_accuracy_plot
+from kdpipe.utils.tables import markdown_table, rich_table
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # piped to a log: do not wrap at 80
 
@@ -158,12 +159,6 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown_summary(summary: dict) -> str:
-    header, rows = table_rows(summary)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
 def plot_summary(summary: dict, path: Path, title: str) -> None:
     """Grouped bars with standard-deviation error bars: accuracy per level and overall, per group."""
     import matplotlib
@@ -188,16 +183,7 @@ def plot_summary(summary: dict, path: Path, title: str) -> None:
             label=f"{g['group']} (n={g['accuracy']['n']})",
         )
     ax.set_xticks(range(len(ticks)), ticks)
-    ax.set_ylabel("exact match (%), mean ± std")
-    ax.set_ylim(0, 105)
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_accuracy_plot(fig, ax, path, "exact match (%), mean ± std", title)
 
 
 def plot_lines(summary: dict, x_key: str, path: Path, title: str) -> None:
@@ -222,16 +208,7 @@ def plot_lines(summary: dict, x_key: str, path: Path, title: str) -> None:
     if all(p[0] > 0 for pts in series.values() for p in pts):
         ax.set_xscale("log")
     ax.set_xlabel(x_key)
-    ax.set_ylabel("exact match (%), mean ± std")
-    ax.set_ylim(0, 105)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_accuracy_plot(fig, ax, path, "exact match (%), mean ± std", title)
 
 
 def load_sweeps(sweep_dirs: list[Path]) -> tuple[list[Job], list[Path]]:
@@ -275,7 +252,7 @@ def aggregate(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "summary.json", summary)
-    atomic_write_text(out_dir / "summary.md", markdown_summary(summary))
+    atomic_write_text(out_dir / "summary.md", markdown_table(*table_rows(summary)))
     more = f" (+{len(sweep_dirs) - 1} more)" if len(sweep_dirs) > 1 else ""
     title = f"{sweep_dirs[0].name}{more}: {stage or 'last evaluated stage'}, over {', '.join(over)}"
     if x_key is not None:
@@ -303,12 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     header, rows = table_rows(summary)
     names = " + ".join(str(d) for d in args.sweep_dirs)
-    table = Table(title=f"{names} (mean ± std over {', '.join(args.over)})")
-    for h in header:
-        table.add_column(h, justify="left" if h == "group" else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(rich_table(header, rows, title=f"{names} (mean ± std over {', '.join(args.over)})"))
     if summary["unfinished"]:
         console.print(f"[yellow]left out, no results.json: {', '.join(summary['unfinished'])}")
     console.print(f"summary: {out_dir / 'summary.md'}  plot: {out_dir / 'summary.png'}")

@@ -17,11 +17,11 @@ from transformers import PreTrainedTokenizerBase
 
 from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler, WithPlaceholders, rank_share_of
-from kdpipe.types import EncodedExample
 from kdpipe.data.encode import encode_example, system_prompt_for
 from kdpipe.data.scorers import example_scores
 from kdpipe.data.sources import load_split, subset_by_id
 from kdpipe.store.reader import StoreUnion
+from kdpipe.types import EncodedExample
 
 
 def encode_examples(

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
 from kdpipe.data.collate import Collator
-from kdpipe.types import EncodedExample
 from kdpipe.store.writer import StoreWriter
+from kdpipe.types import EncodedExample
 
 FILLER = -1  # index of a filler row: scored to keep ranks in step, never written
 

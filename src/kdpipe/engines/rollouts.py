@@ -12,7 +12,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpipe.data.encode import prompt_messages
-from kdpipe.data.rollouts import MANIFEST, ROLLOUT_VERSION, RolloutSettings, apply_filters, part_path, read_part, rollout_id
+from kdpipe.data.rollouts import (
+    MANIFEST,
+    ROLLOUT_VERSION,
+    RolloutSettings,
+    apply_filters,
+    part_path,
+    read_part,
+    rollout_id,
+)
 from kdpipe.eval.generate import generate_responses
 from kdpipe.eval.metrics import is_correct
 from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json

@@ -19,9 +19,9 @@ from kdpipe.engines.predict_writer import ScoreDataModule, StoreWriterCallback
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.strategy import shards_weights
 from kdpipe.lightning.trainer import instantiate_trainer
+from kdpipe.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from kdpipe.modules.scorer import TeacherScorer
 from kdpipe.store import codec
-from kdpipe.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from kdpipe.store.fingerprint import data_fingerprint
 from kdpipe.store.reader import TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter

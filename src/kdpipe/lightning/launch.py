@@ -49,13 +49,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.strategy import check_strategy, maybe_several_processes, strategy_name
 from kdpipe.lightning.trainer import instantiate_trainer
 from kdpipe.utils.dist import is_initialized
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 JOIN_ENV = "KDPIPE_JOIN_CONFIG"  # path of the config a rank started by Lightning's launcher runs
 # what Lightning's subprocess launcher puts into the parent's environment when it starts the children

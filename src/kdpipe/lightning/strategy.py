@@ -6,11 +6,11 @@ import importlib.util
 import os
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, ListConfig
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from kdpipe.errors import PipelineConfigError
+from lightning.pytorch.strategies import FSDPStrategy
 
 
 def strategy_name(trainer_cfg: DictConfig) -> str:

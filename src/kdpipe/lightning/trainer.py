@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hydra
-import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from omegaconf import DictConfig, OmegaConf
 
+import lightning as L
 from kdpipe.accelerators import NPUUnavailableError, npu_device, require_npu
 from kdpipe.accelerators import register as register_accelerators
 from kdpipe.errors import PipelineConfigError
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 MIXED_PRECISION = {"bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed", "16-mixed": "16-mixed", "16": "16-mixed"}
 

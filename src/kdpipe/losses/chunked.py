@@ -54,7 +54,7 @@ class ChunkTerms:
     """What a chunk loss gives back: the chunk's weighted loss, ``d loss / d logits`` and detached diagnostics."""
 
     loss: torch.Tensor  # scalar, detached
-    grad: torch.Tensor  # [n, V]
+    grad: torch.Tensor | None  # [n, V]; dropped once the chunk's parameter gradients are accumulated
     ce: torch.Tensor
     divergence: torch.Tensor
     kd_mask: torch.Tensor

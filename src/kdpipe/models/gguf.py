@@ -11,13 +11,12 @@ GGUF file's bytes, so a replaced file is converted again and an unchanged one ne
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import shutil
 from pathlib import Path
 
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from kdpipe.utils.io import atomic_dir, sha256_file
 
 console = Console()
 
@@ -25,11 +24,7 @@ console = Console()
 @functools.lru_cache(maxsize=32)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     """SHA-256 of a file's bytes; cached per (path, size, mtime) within the process."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def gguf_path(model_dir: str | Path, gguf_file: str) -> Path:
@@ -74,14 +69,8 @@ def converted_dir(
     final = cache_dir_for(model_dir, gguf_file, cache_root)
     if (final / "config.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     console.print(f"converting {model_dir / gguf_file} into a plain checkpoint at {final} (once)")
     tokenizer = load_gguf_tokenizer(model_dir, gguf_file, trust_remote_code)
-    _save_converted(model_dir, gguf_file, tokenizer, tmp, trust_remote_code)
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process converted it first: theirs is the same checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(final, replace=False) as tmp:  # another process converting it too: theirs is the same
+        _save_converted(model_dir, gguf_file, tokenizer, tmp, trust_remote_code)
     return final

@@ -5,7 +5,6 @@ two tokenizers (:func:`kdpipe.pipeline.checks.check_shared_vocabulary` applies i
 
 from __future__ import annotations
 
-
 from transformers import PreTrainedTokenizerBase
 
 from kdpipe.models.fingerprint import tokenizer_fingerprint

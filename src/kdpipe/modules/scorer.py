@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel
 
-from kdpipe.types import IGNORE_INDEX
 from kdpipe.models.heads import backbone_hidden, head_logits, lm_head
+from kdpipe.types import IGNORE_INDEX
 
 
 def topk_signal(

@@ -10,11 +10,11 @@ import torch
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
-from kdpipe.types import IGNORE_INDEX
 from kdpipe.losses import fused_sparse_kd_terms, token_cross_entropy
 from kdpipe.losses.backends import BACKENDS
 from kdpipe.losses.settings import PLAIN_CE, KDLossSettings
 from kdpipe.models.heads import backbone_hidden, lm_head
+from kdpipe.types import IGNORE_INDEX
 
 OptimizerFactory = Callable[..., Optimizer]
 FROZEN_OMITTED = "kdpipe_frozen_weights_omitted"  # checkpoint key: the frozen weights left out of it

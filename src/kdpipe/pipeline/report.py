@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.table import Table
-
 from kdpipe.pipeline.state import PipelineState
 from kdpipe.utils.dist import is_rank_zero
 from kdpipe.utils.io import atomic_write_json, atomic_write_text
+from kdpipe.utils.plots import save_accuracy_plot
+from kdpipe.utils.tables import markdown_table
 
 
 def results_payload(state: PipelineState) -> dict:
@@ -57,23 +57,6 @@ def table_rows(payload: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown_table(payload: dict) -> str:
-    header, rows = table_rows(payload)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def rich_table(payload: dict, title: str = "kdpipe results") -> Table:
-    header, rows = table_rows(payload)
-    table = Table(title=title)
-    for h in header:
-        table.add_column(h, justify="left" if h in ("stage", "kind", "model") else "right")
-    for r in rows:
-        table.add_row(*r)
-    return table
-
-
 def plot_accuracy(payload: dict, path: Path) -> bool:
     """Grouped bars: accuracy per level (and overall) for each evaluated stage. False if nothing to plot."""
     stages = [s for s in payload["stages"] if "accuracy" in s["metrics"]]
@@ -94,16 +77,7 @@ def plot_accuracy(payload: dict, path: Path) -> bool:
         xs = [g + (i - (len(stages) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, values, width=width, label=f"{s['dir']} ({s['model']})")
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("exact match (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Accuracy per stage and difficulty level")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_accuracy_plot(fig, ax, path, "exact match (%)", "Accuracy per stage and difficulty level")
     return True
 
 
@@ -114,6 +88,6 @@ def write_results(state: PipelineState) -> dict:
     if not is_rank_zero():
         return payload
     atomic_write_json(state.run_dir / "results.json", payload)
-    atomic_write_text(state.run_dir / "results.md", markdown_table(payload))
+    atomic_write_text(state.run_dir / "results.md", markdown_table(*table_rows(payload)))
     plot_accuracy(payload, state.run_dir / "results.png")
     return payload

@@ -13,7 +13,7 @@ from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.launch import distributed_job
 from kdpipe.lightning.trainer import check_trainer_device
 from kdpipe.pipeline.checks import check_shared_vocabulary
-from kdpipe.pipeline.report import rich_table, write_results
+from kdpipe.pipeline.report import table_rows, write_results
 from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.sharing import find_shared, publish_shared, shared_dir
 from kdpipe.pipeline.spec import StageSpec, complete_stages, resolve_stages
@@ -23,6 +23,7 @@ from kdpipe.utils.claim import claimed
 from kdpipe.utils.config import print_and_save_config
 from kdpipe.utils.dist import barrier, broadcast_object, is_rank_zero, rank_zero_console, run_on_rank_zero, world_size
 from kdpipe.utils.io import atomic_write_json
+from kdpipe.utils.tables import rich_table
 
 console = rank_zero_console()
 # keys that may differ between a run's saved config and the command that resumes it
@@ -149,6 +150,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> Pipel
         barrier()  # the next stage may read what rank 0 wrote for this one
     payload = write_results(state)
     if rank_zero:
-        Console(width=max(console.width, 132)).print(rich_table(payload, title=f"kdpipe results: {run_dir}"))
+        Console(width=max(console.width, 132)).print(
+            rich_table(*table_rows(payload), title=f"kdpipe results: {run_dir}")
+        )
         console.print(f"results: {run_dir / 'results.md'}  plot: {run_dir / 'results.png'}")
     return PipelineRun(run_dir, payload, state.stages)

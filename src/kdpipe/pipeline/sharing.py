@@ -8,9 +8,9 @@ settings, its seed, and the weights it starts from. Results live in ``<log_dir>/
 
 Concurrent jobs (a multirun on submitit or SLURM) that need the same shared stage do not all train it: the
 first takes an exclusive ``flock`` on ``shared/.<stage>-<hash>.lock`` while it trains and publishes, and the
-others wait for the lock, then find the published result (:func:`kdpipe.utils.claim.claim_shared`). The OS drops the lock when
-its holder dies, so a crashed job never blocks the others (the next one trains instead). The ``score``
-stage claims each teacher store the same way (``.<store>.lock`` beside it). Publishing is
+others wait for the lock, then find the published result (:func:`kdpipe.utils.claim.claim_shared`). The OS
+drops the lock when its holder dies, so a crashed job never blocks the others (the next one trains instead).
+The ``score`` stage claims each teacher store the same way (``.<store>.lock`` beside it). Publishing is
 atomic all the same: each job writes its own temp folder and the first rename wins (for filesystems where
 ``flock`` is not shared between machines, the worst case is duplicated work, never a broken folder). A folder
 is only reused when its ``identity.json`` equals this stage's identity, not on the strength of the hash alone.
@@ -18,12 +18,9 @@ is only reused when its ``identity.json`` equals this stage's identity, not on t
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -31,7 +28,7 @@ from rich.console import Console
 
 from kdpipe.errors import PipelineConfigError
 from kdpipe.pipeline.result import StageResult
-from kdpipe.utils.io import atomic_write_json, read_json, sha256_tree
+from kdpipe.utils.io import atomic_dir, atomic_write_json, read_json, sha256_tree
 
 console = Console()
 
@@ -78,14 +75,8 @@ def find_shared(ctx) -> StageResult | None:
 def publish_shared(ctx, result: StageResult) -> Path:
     """Copy a finished stage's export and metrics into its shared folder (atomically: all or nothing)."""
     root = shared_dir(ctx)
-    tmp = root.with_name(f".{root.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # this process's own
-    shutil.copytree(result.export, tmp / "export")
-    atomic_write_json(tmp / "metrics.json", result.metrics)
-    atomic_write_json(tmp / "identity.json", shared_identity(ctx))
-    try:
-        os.rename(tmp, root)  # atomic; fails if another job published first (never replaces a folder in use)
-    except OSError as err:
-        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-            raise
-        shutil.rmtree(tmp)  # theirs is equivalent
+    with atomic_dir(root, replace=False) as tmp:  # the first job's wins (never replaces a folder in use)
+        shutil.copytree(result.export, tmp / "export")
+        atomic_write_json(tmp / "metrics.json", result.metrics)
+        atomic_write_json(tmp / "identity.json", shared_identity(ctx))
     return root

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdpipe.errors import PipelineConfigError
-from kdpipe.pipeline.result import StageResult, StoreRef
+from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.spec import StageSpec
 from kdpipe.utils.dist import is_rank_zero
 from kdpipe.utils.io import atomic_write_json, read_json

@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
-from kdpipe.types import EncodedExample
-from kdpipe.store import codec
 from kdpipe.models.fingerprint import tokenizer_fingerprint
+from kdpipe.store import codec
 from kdpipe.store.fingerprint import example_token_hash
 from kdpipe.store.writer import FORMAT, MANIFEST, VERSION
+from kdpipe.types import EncodedExample
 from kdpipe.utils.io import read_json, sha256_file
 
 

@@ -11,18 +11,16 @@ resumed store is byte-identical to an uninterrupted one. Rank 0 writes the manif
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from kdpipe.types import EncodedExample
 from kdpipe.store import codec
 from kdpipe.store.fingerprint import example_token_hash
-from kdpipe.utils.io import atomic_write_json, read_json, sha256_file
+from kdpipe.types import EncodedExample
+from kdpipe.utils.io import atomic_file, atomic_write_json, read_json, sha256_file
 
 FORMAT = "kdpipe-teacher-store"
 VERSION = 1
@@ -131,12 +129,8 @@ class StoreWriter:
         final = self.path / shard_name(shard)
         # a temp name of this process's own: two jobs scoring the same store at once write identical shards,
         # and each rename is atomic, so whichever lands last leaves a complete, correct file
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
+        with atomic_file(final) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def finalize(self) -> Path:
         """Write ``manifest.json`` (rank 0) once every shard exists; returns its path."""

@@ -66,8 +66,10 @@ class StageContext:
         style = self.styles[0]
         if (style, sequences) not in self.stores:
             what = "rollout" if sequences == "rollouts" else "label"
-            fix = "a `rollout` stage, then a `score` stage with sequences: rollouts," if what == "rollout" else (
-                "a `score` stage"
+            fix = (
+                "a `rollout` stage, then a `score` stage with sequences: rollouts,"
+                if what == "rollout"
+                else ("a `score` stage")
             )
             raise PipelineConfigError(
                 f"stage {self.spec.name!r} ({self.spec.kind}, style={style!r}) has no teacher store of its {what} "

@@ -27,7 +27,9 @@ def run_kd(ctx: StageContext) -> StageResult:
         onpolicy_store = TeacherStore(ctx.store("onpolicy_store", sequences="rollouts"))
         onpolicy = (load_rollouts(ctx.rollout_set(ctx.styles[0])), onpolicy_store, ratio)
     model, tokenizer = load_trainable(ctx)
-    module = KDModule(model, loss=OmegaConf.to_container(ctx.settings.loss, resolve=True), **optimizer_parts(ctx.settings))
+    module = KDModule(
+        model, loss=OmegaConf.to_container(ctx.settings.loss, resolve=True), **optimizer_parts(ctx.settings)
+    )
     datamodule = make_datamodule(ctx, tokenizer, store=store, model=module.model, onpolicy=onpolicy)
     result = fit_stage(ctx, module, tokenizer, datamodule)
     if store is not None:

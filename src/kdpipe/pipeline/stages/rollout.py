@@ -10,10 +10,10 @@ from kdpipe.data.rollouts import RolloutSettings
 from kdpipe.data.sources import load_examples
 from kdpipe.engines.rollouts import write_rollouts
 from kdpipe.lightning.trainer import inference_device
+from kdpipe.models.fingerprint import model_fingerprint
 from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.pipeline.stages.weights import load_model_and_tokenizer
-from kdpipe.models.fingerprint import model_fingerprint
 from kdpipe.utils.dist import rank_zero_console
 
 console = rank_zero_console()

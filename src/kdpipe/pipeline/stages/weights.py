@@ -3,7 +3,6 @@ it is exported, and how it is gathered whole after a sharded fit."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +12,7 @@ from kdpipe.models.factory import build_model, build_tokenizer, load_model, load
 from kdpipe.models.lora import maybe_apply_lora, merged
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.utils.dist import is_rank_zero
-from kdpipe.utils.io import atomic_replace_dir
+from kdpipe.utils.io import atomic_dir
 
 
 def converted_root(ctx: StageContext) -> Path:
@@ -43,11 +42,9 @@ def load_trainable(ctx: StageContext):
 def export_model(model, tokenizer, export_dir: Path) -> Path:
     """``save_pretrained`` model and tokenizer into a temp folder, then move it into place. A LoRA (PEFT)
     model is merged first (in place), so the export is a plain checkpoint any ``transformers`` loads."""
-    tmp = export_dir.with_name(f".{export_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    atomic_replace_dir(tmp, export_dir)
+    with atomic_dir(export_dir) as tmp:
+        merged(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return export_dir
 
 
