@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kdpipe-installed
 
-.PHONY: install demo real-demo test test-all bench lint format clean
+.PHONY: install demo real-demo test test-all bench lint format notebooks clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -53,6 +53,11 @@ lint: install  ## ruff (style), and import-linter: imports point one way (pyproj
 format: install
 	$(VENV)/bin/ruff check --fix src tests notebooks
 	$(VENV)/bin/ruff format src tests notebooks
+
+# --update keeps the ids of unchanged cells (a rebuild with no edit is a no-op, a diff shows only edited cells);
+# it keeps the outputs of an executed copy too: the notebook is committed without them (the tests check)
+notebooks: install  ## build notebooks/01_quickstart.ipynb from its jupytext source notebooks/01_quickstart.py
+	$(VENV)/bin/jupytext --update --to ipynb notebooks/01_quickstart.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -18,6 +18,7 @@ from kdpipe.data.sources import load_examples
 from kdpipe.errors import PipelineConfigError
 from kdpipe.eval import evaluate_model
 from kdpipe.lightning.loggers import finish_loggers, make_loggers
+from kdpipe.lightning.precision import resolve_precision
 from kdpipe.lightning.strategy import shards_weights
 from kdpipe.lightning.trainer import inference_device, instantiate_trainer
 from kdpipe.models.factory import count_parameters
@@ -27,8 +28,8 @@ from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.pipeline.stages.weights import export_model, trained_model
 from kdpipe.store.reader import TeacherStore
-from kdpipe.utils.dist import rank_zero_console, run_on_rank_zero
-from kdpipe.utils.io import atomic_write_text
+from kdpipe.utils.dist import is_rank_zero, rank_zero_console, run_on_rank_zero
+from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json
 from kdpipe.utils.memory import peak_memory_mb
 
 console = rank_zero_console()
@@ -100,8 +101,9 @@ def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None, onpoli
     )
 
 
-def make_trainer(ctx: StageContext, max_steps: int, loggers: list) -> L.Trainer:
-    """The stage's Trainer: the configured callbacks plus ``last.ckpt`` every N steps, one curriculum epoch."""
+def make_trainer(ctx: StageContext, max_steps: int, loggers: list, precision: str | None = None) -> L.Trainer:
+    """The stage's Trainer: the configured callbacks plus ``last.ckpt`` every N steps, one curriculum epoch;
+    ``precision`` (resolved from ``trainer.precision``, see :mod:`kdpipe.lightning.precision`)."""
     settings = ctx.settings
     callbacks = [hydra.utils.instantiate(c) for c in (ctx.cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(
@@ -129,7 +131,23 @@ def make_trainer(ctx: StageContext, max_steps: int, loggers: list) -> L.Trainer:
         default_root_dir=str(ctx.stage_dir),
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the curriculum sampler already gives each rank its part
+        precision=precision,
     )
+
+
+def stage_precision(ctx: StageContext, model, train_examples: list) -> tuple[str | None, dict]:
+    """The stage's training precision (``trainer.precision``; ``auto`` is measured once per stage and kept in
+    ``<stage>/precision.json``, so a resumed stage trains on in the precision it started with)."""
+    saved = ctx.stage_dir / "precision.json"
+    if saved.exists():
+        found = read_json(saved)
+        return found["precision"], found["info"]
+    sample = train_examples[:256]
+    seq_len = round(sum(len(e.input_ids) for e in sample) / max(len(sample), 1))
+    precision, info = resolve_precision(ctx.cfg.trainer, model, int(ctx.settings.batch_size), seq_len)
+    if info and is_rank_zero():
+        atomic_write_json(saved, {"precision": precision, "info": info})
+    return precision, info
 
 
 def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostTrainDataModule) -> StageResult:
@@ -140,8 +158,10 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
     resume_from = str(last) if last.exists() else None
     if resume_from:
         console.print(f"[yellow]resuming stage {ctx.spec.dirname} from {last}")
+    train_examples = datamodule.encode_split("train")
+    precision, precision_info = stage_precision(ctx, module.model, train_examples)
     loggers = make_loggers(ctx.cfg.get("logger"), ctx.run_dir, ctx.stage_dir, ctx.spec.dirname)
-    trainer = make_trainer(ctx, max_steps, loggers)
+    trainer = make_trainer(ctx, max_steps, loggers, precision)
     if datamodule.scorer_model is not None and shards_weights(trainer.strategy):
         finish_loggers(loggers)
         raise PipelineConfigError(
@@ -164,7 +184,7 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
     metrics = {
         "train_seconds": seconds,
         "steps": trainer.global_step,
-        "train_examples": len(datamodule.encode_split("train")),
+        "train_examples": len(train_examples),
         "dropped_too_long": datamodule.dropped.get("train", 0),
         "truncated_too_long": getattr(datamodule, "truncated", {}).get("train", 0),
         "skipped_invalid": getattr(datamodule, "skipped_invalid", {}).get("train", 0),
@@ -172,6 +192,8 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
         **module.throughput(),
         **peak_memory_mb(),
         "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+        **precision_info,
     }
     # optimizer steps per second of training-step time (this process's steps; validation excluded)
     metrics["steps_per_s"] = metrics["batches_per_s"] / int(settings.accumulate_grad_batches)
