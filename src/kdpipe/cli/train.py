@@ -10,6 +10,7 @@ kdpipe-train trainer=ddp trainer.devices=4     # every stage on 4 GPUs (kdpipe.l
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import hydra
@@ -81,6 +82,23 @@ def run_joined_rank(cfg: DictConfig) -> None:
     _train_or_exit(cfg, f"kdpipe-train (rank {global_rank()})")
 
 
+# command-line choices that need a Hydra plugin of the `sweeps` extra: (argument prefix, plugin module)
+SWEEP_PLUGINS = (
+    ("hparams_search=", "hydra_plugins.hydra_optuna_sweeper"),
+    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper"),
+    ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher"),
+)
+
+
+def missing_sweep_plugin(args: list[str]) -> str | None:
+    """The argument that selects a sweeper or launcher plugin this environment lacks, or None."""
+    for arg in args:
+        for prefix, module in SWEEP_PLUGINS:
+            if arg.startswith(prefix) and arg != "hparams_search=null" and importlib.util.find_spec(module) is None:
+                return arg
+    return None
+
+
 def main() -> None:
     """``kdpipe-train``: Hydra's entry point; in a process started by a multi-process trainer, that job's rank."""
     launch.ENTRY_POINT = True  # multi-process trainers may re-run this command for their other ranks
@@ -93,6 +111,10 @@ def main() -> None:
         run_joined_rank(joined)
         return
     args = sys.argv[1:]
+    missing = missing_sweep_plugin(args)
+    if missing is not None:
+        print(f"kdpipe-train: {missing} needs Hydra's sweep plugins: pip install 'kdpipe[sweeps]'", file=sys.stderr)
+        sys.exit(2)
     if {"-m", "--multirun"} & set(args) and {"--cfg", "-c"} & set(args):
         show_sweep_configs(["--cfg" if a == "-c" else a for a in args])
         return
