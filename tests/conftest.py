@@ -1,22 +1,20 @@
-"""Shared fixtures: the built-in tokenizer and configs composed from the real ``configs/``."""
+"""Shared fixtures: the built-in tokenizer, one intra-op thread, and the tiny pipeline in a test's tmp dir.
+
+Tests are in ``unit/`` (one module or function at a time, mirroring ``src/kdpipe/``) and ``integration/``
+(whole pipelines, console scripts in subprocesses, several processes, sweeps). Helpers both use are in
+``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 
 from kdpipe.models.tokenizer import build_char_tokenizer
-from kdpipe.utils.paths import config_dir
 from kdpipe.utils.quiet import quiet_third_party
+from tests.helpers import TinyConfig
 
 quiet_third_party()
-
-# the smallest real pipeline: tiny models and data, CSV logs, no progress bars
-TINY = ["debug=fast", "logger=csv", "callbacks=none", "print_config=false"]
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +31,8 @@ def tokenizer():
     return build_char_tokenizer()
 
 
-def compose_cfg(overrides: list[str], run_dir: Path | None = None, config_name: str = "train") -> DictConfig:
-    """Compose a config exactly as ``kdpipe-train`` would, with the run directory pinned."""
-    with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    if run_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.run_dir = str(run_dir)
-    return cfg
-
-
 @pytest.fixture
-def tiny_cfg(tmp_path):
-    """A factory: the tiny pipeline config with extra overrides, running in a fresh tmp dir."""
-
-    def make(*extra: str, run_dir: Path | None = None) -> DictConfig:
-        # paths.root_dir too: shared outputs (teacher stores under logs/stores) stay in the test's tmp dir
-        return compose_cfg([*TINY, f"paths.root_dir={tmp_path}", *extra], run_dir or tmp_path / "run")
-
-    return make
+def tiny_cfg(tmp_path) -> TinyConfig:
+    """The tiny pipeline with every output in the test's tmp dir (the run in ``tmp_path / "run"``):
+    ``tiny_cfg(*overrides, run_dir=...)`` composes it, ``tiny_cfg.args(*overrides)`` is its command line."""
+    return TinyConfig(tmp_path)

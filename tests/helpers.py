@@ -1,15 +1,152 @@
-"""Test-only helpers: tiny models, and classes that configs can point at (``_target_: tests.helpers.X``)."""
+"""Test-only helpers: the tiny pipeline, the one way tests start a process, tiny models and stores, and
+classes that configs can point at (``_target_: tests.helpers.X``)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
 from lightning.pytorch.strategies import FSDPStrategy
+from omegaconf import DictConfig, open_dict
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from kdpipe.data.arith import generate_split
+from kdpipe.data.encode import encode_example
+from kdpipe.lightning.launch import JOIN_ENV
+from kdpipe.models.fingerprint import tokenizer_fingerprint
+from kdpipe.modules.scorer import topk_signal
+from kdpipe.store import codec
+from kdpipe.store.fingerprint import data_fingerprint
+from kdpipe.store.writer import StoreWriter
+from kdpipe.types import IGNORE_INDEX
+from kdpipe.utils.paths import config_dir
+
+BIN = Path(sys.executable).parent  # the virtual environment's console scripts
+REPO = Path(__file__).resolve().parents[1]
+
+# --- the tiny pipeline ---------------------------------------------------------------------------------------
+
+# the smallest real pipeline: tiny models and data, CSV logs, no progress bars (the `tiny_cfg` fixture's base)
+TINY = ("debug=fast", "logger=csv", "callbacks=none", "print_config=false")
+
+
+def compose_cfg(
+    overrides: list[str], run_dir: Path | str | None = None, config_name: str = "train", hydra: bool = False
+) -> DictConfig:
+    """Compose a config exactly as ``kdpipe-train`` (or ``config_name``'s command) would, with the run directory
+    pinned; ``hydra``: with the ``hydra`` node (sweeper, launcher), as a multirun composes it."""
+    with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra)
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+class TinyConfig:
+    """The tiny pipeline (:data:`TINY`) with every output under ``root``: shared outputs (teacher stores under
+    ``logs/stores``, shared stages under ``logs/shared``) and, unless ``run_dir`` says otherwise, the run in
+    ``root/run``.
+
+    ``tiny(*overrides)`` composes it in this process, as ``kdpipe-train`` would; ``tiny.args(*overrides)`` is
+    the same pipeline as a ``kdpipe-train`` command line (for :func:`run_cli`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def args(self, *overrides: str) -> list[str]:
+        return [*TINY, f"paths.root_dir={self.root}", *overrides]
+
+    def __call__(self, *overrides: str, run_dir: Path | None = None) -> DictConfig:
+        return compose_cfg(self.args(*overrides), run_dir or self.root / "run")
+
+
+def crash_override(stage: str, step: int, marker: Path, every_rank: bool = False) -> str:
+    """A ``+callbacks.crash=...`` override: :class:`CrashAt` (or :class:`CrashEveryRankAt`) in ``stage``."""
+    target = "CrashEveryRankAt" if every_rank else "CrashAt"
+    return f"+callbacks.crash={{_target_: tests.helpers.{target}, stage: {stage}, step: {step}, marker: '{marker}'}}"
+
+
+def store_of(run, stage: str, style: str, sequences: str = "labels") -> Path:
+    """The teacher store stage ``stage`` of ``run`` (a :class:`~kdpipe.pipeline.state.PipelineRun`) scored (or
+    reused) for ``style`` on ``sequences``."""
+    (path,) = [ref.path for ref in run.result(stage).stores if (ref.style, ref.sequences) == (style, sequences)]
+    return path
+
+
+def assert_same_weights(reference: Path, other: Path, atol: float = 1e-6) -> None:
+    """Two exports (``<dir>/model.safetensors``) hold the same tensors, within ``atol``."""
+    ref, got = load_file(Path(reference) / "model.safetensors"), load_file(Path(other) / "model.safetensors")
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert ref[key].shape == got[key].shape and torch.allclose(ref[key], got[key], atol=atol), key
+
+
+# --- processes -----------------------------------------------------------------------------------------------
+
+# what a launcher or an earlier test could leave in the environment: every process here starts clean
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", JOIN_ENV)
+
+
+def cli_env(root: Path, audit: Path | None = None) -> dict[str, str]:
+    """The environment :func:`run_cli` gives a process: outputs (``KDPIPE_ROOT``) and wandb's own folders under
+    ``root``, wandb quiet and in the mode each config asks for, one thread per process, this checkout (and the
+    write audit of ``tests/write_audit`` when ``audit`` names a folder) on ``PYTHONPATH``."""
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARS, "WANDB_MODE", "KDPIPE_WRITE_AUDIT")}
+    paths = [str(REPO), *([str(REPO / "tests" / "write_audit")] if audit else []), env.get("PYTHONPATH", "")]
+    env.update(
+        KDPIPE_ROOT=str(root),
+        WANDB_DIR=str(root / "wandb"),
+        WANDB_CACHE_DIR=str(root / "wandb_cache"),
+        WANDB_CONFIG_DIR=str(root / "wandb_config"),
+        WANDB_DATA_DIR=str(root / "wandb_data"),
+        WANDB_SILENT="true",
+        OMP_NUM_THREADS="1",  # one and two processes compute with the same kernels; a busy machine stays usable
+        PYTHONPATH=os.pathsep.join(p for p in paths if p),
+    )
+    if audit is not None:
+        audit.mkdir(parents=True, exist_ok=True)
+        env["KDPIPE_WRITE_AUDIT"] = str(audit)
+    return env
+
+
+def run_cli(
+    command: str | Path,
+    *args: str,
+    cwd: Path,
+    check: bool = True,
+    audit: Path | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """The one way tests start a process: ``command`` (a console script of this environment by name, e.g.
+    ``kdpipe-train``, ``torchrun``; or a path, e.g. ``sys.executable``) with ``args``, in ``cwd``, with
+    :func:`cli_env` (outputs under ``cwd``), output captured. ``check``: fail the test, showing the output's
+    tails, unless it exits with 0."""
+    program = str(command) if os.sep in str(command) else str(BIN / str(command))
+    proc = subprocess.run(
+        [program, *map(str, args)],
+        cwd=cwd,
+        env=cli_env(Path(cwd), audit),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"{command} exited with {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+# --- tiny models and teacher stores --------------------------------------------------------------------------
 
 
 def tiny_llama(tokenizer=None, *, seed: int | None = 0, **config) -> LlamaForCausalLM:
@@ -23,6 +160,51 @@ def tiny_llama(tokenizer=None, *, seed: int | None = 0, **config) -> LlamaForCau
     if seed is not None:
         torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**fields)).eval()
+
+
+def tiny_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A 1-layer Llama without a pad id: what generation and the student-loss scorer run on."""
+    return tiny_llama(tokenizer, seed=seed, pad_token_id=None, num_hidden_layers=1, num_key_value_heads=1,
+                      max_position_embeddings=256)  # fmt: skip
+
+
+STORE_K = 8  # teacher entries per position in the stores :func:`write_store` writes
+
+
+def encoded(tokenizer, n_per_level: int = 3, style: str = "reasoning"):
+    """The built-in task's val split (``n_per_level`` per level) encoded in ``style``."""
+    return [encode_example(tokenizer, e, style) for e in generate_split("val", n_per_level, seed=0)]
+
+
+def fake_teacher_rows(example, vocab: int, seed: int):
+    """Random but valid teacher rows for one example (one per label position)."""
+    g = torch.Generator().manual_seed(seed)
+    n = example.num_label_tokens
+    logprobs = torch.log_softmax(torch.randn(n, vocab, generator=g) * 3, dim=-1)
+    labels = torch.tensor([t for t in example.labels if t != IGNORE_INDEX])
+    return topk_signal(logprobs, labels, STORE_K)
+
+
+def write_store(path, tokenizer, examples, shard_size: int = 4):
+    """A complete teacher store of :func:`fake_teacher_rows` for ``examples``; returns (codec spec, rows)."""
+    spec = codec.make_spec(len(tokenizer), STORE_K)
+    meta = {
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": data_fingerprint(examples),
+        "k": STORE_K,
+        "temperature": 1.0,
+        "teacher": {"weights_sha256": "test"},
+    }
+    writer = StoreWriter(path, examples, meta, spec, shard_size=shard_size)
+    rows = {}
+    for i in writer.pending_examples():
+        rows[i] = fake_teacher_rows(examples[i], len(tokenizer), seed=i)
+        writer.add(i, *rows[i])
+    writer.finalize()
+    return spec, rows
+
+
+# --- classes configs point at --------------------------------------------------------------------------------
 
 
 class CrashAt(L.Callback):

@@ -51,7 +51,7 @@ def store_path(store_root: str | Path, meta: dict) -> Path:
     return Path(store_root).expanduser().resolve() / f"{data['style']}-{data['split']}-k{meta['k']}-{key}"
 
 
-def score_teacher(
+def score_or_reuse(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[EncodedExample],
@@ -66,9 +66,10 @@ def score_teacher(
     chunk_size: int = 4096,
     precision: str | None = "32-true",
     trainer: DictConfig | dict | None = None,
-) -> Path:
-    """Score ``examples`` (encoded in ``style``) with the teacher into a store and return its path; a complete
-    store with the same content is reused, an interrupted one is finished (complete shards are kept).
+) -> tuple[Path, bool]:
+    """Score ``examples`` (encoded in ``style``) with the teacher into a store and return its path, and whether
+    a complete store with the same content was reused (also one another job finished while this one waited for
+    it); an interrupted one is finished (complete shards are kept).
 
     Args:
         k, temperature: top-k entries stored per label position, and the teacher's softmax temperature.
@@ -112,4 +113,27 @@ def score_teacher(
             predictor.strategy.barrier()  # every rank's shards are on disk
             run_on_rank_zero(lambda: make_writer(0, 1).finalize())  # one manifest over them; the others wait
     TeacherStore(path).check_compatible(tokenizer, examples)
-    return path
+    return path, found is not None
+
+
+def score_teacher(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[EncodedExample],
+    *,
+    style: str,
+    split: str,
+    store_root: str | Path,
+    k: int = 16,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    shard_size: int = 2048,
+    chunk_size: int = 4096,
+    precision: str | None = "32-true",
+    trainer: DictConfig | dict | None = None,
+) -> Path:
+    """:func:`score_or_reuse`, returning the store's path only (the arguments are its)."""
+    settings = {"style": style, "split": split, "store_root": store_root, "k": k, "temperature": temperature,
+                "batch_size": batch_size, "shard_size": shard_size, "chunk_size": chunk_size,
+                "precision": precision, "trainer": trainer}  # fmt: skip
+    return score_or_reuse(model, tokenizer, examples, **settings)[0]

@@ -45,6 +45,8 @@ def instantiate_trainer(trainer_cfg: DictConfig, **overrides) -> L.Trainer:
     settings = {**factory.keywords, **overrides}
     plugins = list(settings.get("plugins") or [])
     precision = settings.get("precision")
+    if str(precision) == "auto":  # resolved per training stage (kdpipe.lightning.precision); elsewhere the default
+        precision = None
     given = [p for p in plugins if isinstance(p, Precision)]
     autocast = next((p.device for p in given if isinstance(p, MixedPrecision)), None)
     if autocast is None and str(settings.get("accelerator")) == "npu":

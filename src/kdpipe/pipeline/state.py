@@ -52,10 +52,11 @@ def _migrate_v1(raw: dict) -> dict:
             for key, path in (metrics.pop("stores", None) or {}).items()
         ]
         rollouts = metrics.pop("rollouts", None) or {}
-        reads = {k: metrics.pop(k) for k in ("store", "onpolicy_store") if isinstance(metrics.get(k), str)}
-        for key, value in list(metrics.items()):  # per-store stats kept their path: now in `stores`
+        read = {k: metrics.pop(k) for k in ("store", "onpolicy_store") if k in metrics}  # None: read no store
+        reads = {k: v for k, v in read.items() if isinstance(v, str)}
+        for key, value in list(metrics.items()):  # per-store stats kept their path: now in `stores`, named here
             if isinstance(value, dict) and "path" in value and key.endswith("_store"):
-                metrics[key] = {k: v for k, v in value.items() if k != "path"}
+                metrics[key] = {"name": Path(value["path"]).name, **{k: v for k, v in value.items() if k != "path"}}
         done = s.get("status") == "done"
         result = {"metrics": metrics, "export": s.get("export"), "stores": stores, "rollouts": rollouts, "reads": reads}
         stages.append({**{k: s[k] for k in ("name", "kind", "model", "dir", "status", "started_at", "finished_at")},

@@ -8,15 +8,13 @@ import time
 from kdpipe.data.datamodule import encode_examples
 from kdpipe.data.rollouts import load_rollouts
 from kdpipe.data.sources import load_examples
-from kdpipe.engines import score_teacher, store_path
-from kdpipe.engines.scoring import store_meta
+from kdpipe.engines import score_or_reuse
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.strategy import wrapped_in_place
 from kdpipe.pipeline.result import SEQUENCES, StageResult, StoreRef
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.pipeline.stages.weights import load_model_and_tokenizer
 from kdpipe.store.reader import TeacherStore
-from kdpipe.store.writer import MANIFEST
 from kdpipe.utils.dist import rank_zero_console
 
 console = rank_zero_console()
@@ -41,10 +39,8 @@ def run_score(ctx: StageContext) -> StageResult:
         examples, _ = encode_examples(tokenizer, ctx.cfg.data, raw, [style])
         if not examples:
             raise PipelineConfigError(f"stage {ctx.spec.name!r}: nothing to score for style {style!r} ({sequences})")
-        expected = store_path(settings.store_root, store_meta(model, tokenizer, examples, style, split, k, temperature))
-        reused = (expected / MANIFEST).exists()
         started = time.perf_counter()
-        path = score_teacher(
+        path, reused = score_or_reuse(
             model,
             tokenizer,
             examples,

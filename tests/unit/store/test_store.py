@@ -3,57 +3,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kdpipe.data.arith import generate_split
 from kdpipe.data.collate import Collator, KDCollator
-from kdpipe.types import IGNORE_INDEX
 from kdpipe.data.encode import encode_example
 from kdpipe.models.tokenizer import build_char_tokenizer
 from kdpipe.modules.scorer import topk_signal
 from kdpipe.store import codec
-from kdpipe.models.fingerprint import tokenizer_fingerprint
-from kdpipe.store.fingerprint import data_fingerprint
 from kdpipe.store.reader import StoreError, TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
+from kdpipe.types import IGNORE_INDEX
+from tests.helpers import REPO, STORE_K, encoded, run_cli, write_store
 
-K = 8
-
-
-def encoded(tokenizer, n_per_level=3, style="reasoning"):
-    return [encode_example(tokenizer, e, style) for e in generate_split("val", n_per_level, seed=0)]
-
-
-def fake_teacher_rows(example, vocab, seed):
-    """Random but valid teacher rows for one example (one per label position)."""
-    g = torch.Generator().manual_seed(seed)
-    n = example.num_label_tokens
-    logprobs = torch.log_softmax(torch.randn(n, vocab, generator=g) * 3, dim=-1)
-    labels = torch.tensor([t for t in example.labels if t != IGNORE_INDEX])
-    return topk_signal(logprobs, labels, K)
-
-
-def write_store(path, tokenizer, examples, shard_size=4):
-    spec = codec.make_spec(len(tokenizer), K)
-    meta = {
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": data_fingerprint(examples),
-        "k": K,
-        "temperature": 1.0,
-        "teacher": {"weights_sha256": "test"},
-    }
-    writer = StoreWriter(path, examples, meta, spec, shard_size=shard_size)
-    rows = {}
-    for i in writer.pending_examples():
-        rows[i] = fake_teacher_rows(examples[i], len(tokenizer), seed=i)
-        writer.add(i, *rows[i])
-    writer.finalize()
-    return spec, rows
+K = STORE_K
 
 
 def test_topk_signal_matches_a_float64_reference():
@@ -160,7 +126,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from kdpipe.store import writer as w
-from tests.test_store import encoded, write_store
+from tests.helpers import encoded, write_store
 from kdpipe.models.tokenizer import build_char_tokenizer
 kill_after = int(sys.argv[2])
 original = w.StoreWriter._write_shard
@@ -178,14 +144,14 @@ write_store(sys.argv[1], tok, encoded(tok))
 
 def test_killed_writer_resumes_to_an_identical_store(tmp_path):
     script = tmp_path / "score.py"
-    script.write_text(KILL_SCRIPT.format(root=str(Path(__file__).resolve().parents[1])))
+    script.write_text(KILL_SCRIPT.format(root=str(REPO)))
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    assert subprocess.run([sys.executable, str(script), str(reference), "0"]).returncode == 0
-    killed = subprocess.run([sys.executable, str(script), str(crashed), "2"])
+    run_cli(sys.executable, script, reference, "0", cwd=tmp_path)
+    killed = run_cli(sys.executable, script, crashed, "2", cwd=tmp_path, check=False)
     assert killed.returncode == -9  # SIGKILL mid-way
     assert not (crashed / MANIFEST).exists()
     assert len(list(crashed.glob("shard-*.safetensors"))) == 2
-    assert subprocess.run([sys.executable, str(script), str(crashed), "0"]).returncode == 0
+    run_cli(sys.executable, script, crashed, "0", cwd=tmp_path)
     ref_files = sorted(p.name for p in reference.iterdir())
     assert ref_files == sorted(p.name for p in crashed.iterdir())
     for name in ref_files:

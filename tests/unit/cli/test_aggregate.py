@@ -1,4 +1,5 @@
-"""kdpipe-aggregate: grouping multirun jobs, mean and std per level, and the ablation experiment end to end."""
+"""kdpipe-aggregate on hand-made job folders: grouping multirun jobs, mean and std per level, sweeps finished in
+parts, errors. (On a real multirun: tests/integration/test_aggregate.py.)"""
 
 from __future__ import annotations
 
@@ -7,11 +8,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from kdpipe.cli.aggregate import aggregate, main
-from kdpipe.utils.paths import config_dir
-from tests.test_cli import BIN, run
 
 
 def fake_job(sweep: Path, num: int, overrides: list[str], accuracy: float, by_level: dict[str, float]) -> None:
@@ -92,36 +90,3 @@ def test_aggregate_errors_name_the_folder_and_stage(tmp_path, capsys):
     fake_job(tmp_path, 0, ["seed=1"], 0.5, {"1": 0.5})
     assert main([str(tmp_path), "--stage", "kd_fast"]) == 2
     assert "no stage 'kd_fast'" in capsys.readouterr().err
-
-
-def test_curriculum_ablation_composes_four_schedules_times_three_seeds():
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=curriculum_ablation"], return_hydra_config=True)
-    assert cfg.hydra.mode.name == "MULTIRUN"
-    params = cfg.hydra.sweeper.params
-    assert params.curriculum.split(",") == ["random", "sorted", "competence", "reverse"]
-    assert len(str(params.seed).split(",")) >= 3
-    assert list(cfg.pipeline.order) == ["sft_reasoning"]
-
-
-def test_ablation_multirun_then_aggregate_end_to_end(tmp_path):
-    """The real entry points: a 2 x 2 version of the ablation on the tiny pipeline, then the summary."""
-    proc = run(
-        [
-            str(BIN / "kdpipe-train"),
-            "experiment=curriculum_ablation",
-            "debug=fast",
-            "callbacks=none",
-            "curriculum=random,competence",  # command-line sweeps replace the experiment's params
-            "seed=1,2",
-            "hydra.sweep.dir=" + str(tmp_path / "sweep"),
-        ],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    proc = run([str(BIN / "kdpipe-aggregate"), str(tmp_path / "sweep")], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
-    assert [g["group"] for g in summary["groups"]] == ["curriculum=random", "curriculum=competence"]
-    assert all(g["accuracy"]["n"] == 2 for g in summary["groups"])
-    assert "curriculum=competence" in proc.stdout

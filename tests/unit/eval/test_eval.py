@@ -8,7 +8,7 @@ from kdpipe.data.arith import generate_split
 from kdpipe.data.encode import prompt_messages
 from kdpipe.eval.generate import Generation, generate_responses
 from kdpipe.eval.metrics import summarize
-from tests.test_data import tiny_model
+from tests.helpers import tiny_llama
 
 
 def greedy_reference(model, tokenizer, messages, max_new_tokens):
@@ -28,7 +28,7 @@ def greedy_reference(model, tokenizer, messages, max_new_tokens):
 
 
 def test_batched_generation_matches_unbatched_greedy(tokenizer):
-    model = tiny_model(tokenizer, seed=3)
+    model = tiny_llama(tokenizer, seed=3)
     examples = generate_split("test", 2, seed=0)  # prompts of different lengths: left padding matters
     convs = [prompt_messages(e) for e in examples]
     out = generate_responses(model, tokenizer, convs, batch_size=4, max_new_tokens=12, show_progress=False)

@@ -10,14 +10,12 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.datamodule import PostTrainDataModule, encode_examples
-from kdpipe.types import IGNORE_INDEX
 from kdpipe.data.encode import encode_example, to_messages
 from kdpipe.data.records import DataError
 from kdpipe.data.scorers import example_scores
 from kdpipe.data.sources import load_examples, load_split
-from tests.conftest import compose_cfg
-
-REPO = Path(__file__).resolve().parents[1]
+from kdpipe.types import IGNORE_INDEX
+from tests.helpers import REPO, compose_cfg
 
 CHAT = {
     "id": "c1",

@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 from kdpipe.data.arith import generate_split
 from kdpipe.data.collate import Collator
 from kdpipe.data.datamodule import PostTrainDataModule
-from kdpipe.types import IGNORE_INDEX
 from kdpipe.data.encode import encode_example
 from kdpipe.losses import token_cross_entropy
+from kdpipe.types import IGNORE_INDEX
 from tests.helpers import tiny_llama
 
 EXAMPLE = {
@@ -51,15 +51,11 @@ def test_padding_collator_pads_right_and_masks(tokenizer):
     assert (batch["input_ids"][1, n1:] == tokenizer.pad_token_id).all()
 
 
-def tiny_model(tokenizer, seed=0):
-    return tiny_llama(tokenizer, seed=seed)
-
-
 def test_packed_batch_gives_the_same_loss_as_a_padded_one(tokenizer):
     """Packing must not let tokens attend across examples: per-token losses equal the padded ones."""
     exs = generate_split("val", 3, seed=0)[:6]
     encs = [encode_example(tokenizer, e, "reasoning") for e in exs]
-    model = tiny_model(tokenizer)
+    model = tiny_llama(tokenizer)
     padded = Collator(tokenizer.pad_token_id)(encs)
     packed = Collator(tokenizer.pad_token_id, packing=True)(encs)
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kdpipe.data.curriculum import CurriculumBatchSampler, cut_batches, make_order
+from tests.helpers import encoded, tiny_lm, write_store
 
 DIFFICULTY = [random.Random(0).randint(1, 5) for _ in range(100)]
 LENGTHS = [random.Random(1).randint(5, 40) for _ in range(100)]
@@ -134,7 +135,6 @@ def test_two_ranks_get_disjoint_parts_that_cover_the_global_order(schedule):
 def test_teacher_scorers_read_the_store_and_cache_per_scorer(tokenizer, tmp_path):
     from kdpipe.data.scorers import example_scores
     from kdpipe.store.reader import TeacherStore
-    from tests.test_store import encoded, write_store
 
     examples = encoded(tokenizer)
     write_store(tmp_path / "store", tokenizer, examples)
@@ -154,7 +154,6 @@ def test_teacher_scorers_read_the_store_and_cache_per_scorer(tokenizer, tmp_path
 
 def test_composite_averages_normalised_ranks(tokenizer):
     from kdpipe.data.scorers import example_scores
-    from tests.test_store import encoded
 
     examples = encoded(tokenizer)
     level = example_scores(examples, {"scorer": "level"})
@@ -179,20 +178,12 @@ def test_composite_averages_normalised_ranks(tokenizer):
         example_scores(examples, {"scorer": {"components": {"level": 1.0}}})
 
 
-def _tiny_lm(tokenizer, seed: int = 0):
-    from tests.helpers import tiny_llama
-
-    return tiny_llama(tokenizer, seed=seed, pad_token_id=None, num_hidden_layers=1, num_key_value_heads=1,
-                      max_position_embeddings=256)  # fmt: skip
-
-
 def test_student_loss_matches_a_per_example_float64_reference_and_is_cached(tokenizer, tmp_path):
     from kdpipe.data.collate import Collator
     from kdpipe.data.scorers import example_scores
-    from tests.test_store import encoded
 
     examples = encoded(tokenizer)
-    model = _tiny_lm(tokenizer)
+    model = tiny_lm(tokenizer)
     cfg = {"scorer": {"name": "student_loss", "batch_size": 3}}  # batches mix lengths: padding must not leak
     collate = Collator(tokenizer.pad_token_id)
     scores = example_scores(examples, cfg, model=model, collate=collate, cache_dir=tmp_path / "scores")
@@ -204,7 +195,7 @@ def test_student_loss_matches_a_per_example_float64_reference_and_is_cached(toke
             nll = -logits.log_softmax(-1)[mask].gather(-1, labels[mask][:, None]).squeeze(-1)
             assert got == pytest.approx(float(nll.mean()), rel=1e-5)
     # resume: the stage-start scores come back from the cache even though the model has moved on
-    moved = _tiny_lm(tokenizer, seed=1)
+    moved = tiny_lm(tokenizer, seed=1)
     again = example_scores(examples, cfg, model=moved, collate=collate, cache_dir=tmp_path / "scores")
     assert again == scores
     assert example_scores(examples, cfg, cache_dir=tmp_path / "scores") == scores  # no model needed then
@@ -218,13 +209,12 @@ def test_student_loss_matches_a_per_example_float64_reference_and_is_cached(toke
 def test_composite_can_mix_student_loss_with_a_given_level(tokenizer, tmp_path):
     from kdpipe.data.collate import Collator
     from kdpipe.data.scorers import example_scores, needs_model, needs_store
-    from tests.test_store import encoded
 
     examples = encoded(tokenizer)
     cfg = {"scorer": {"name": "composite", "components": {"level": 2.0, "student_loss": 1.0}}}
     assert needs_model(cfg) and not needs_store(cfg)
     scores = example_scores(
-        examples, cfg, model=_tiny_lm(tokenizer), collate=Collator(tokenizer.pad_token_id), cache_dir=tmp_path
+        examples, cfg, model=tiny_lm(tokenizer), collate=Collator(tokenizer.pad_token_id), cache_dir=tmp_path
     )
     assert all(0.0 <= v <= 1.0 for v in scores)
     assert (tmp_path / "student_loss.json").exists()

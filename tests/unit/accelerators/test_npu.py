@@ -32,28 +32,22 @@ from kdpipe.accelerators import (
     register,
     require_npu,
 )
-from kdpipe.cli.score import score
-from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.cli.eval import evaluate
+from kdpipe.cli.score import score
+from kdpipe.cli.train import train
+from kdpipe.data.collate import Collator, KDCollator
+from kdpipe.errors import PipelineConfigError
+from kdpipe.lightning.trainer import inference_device, instantiate_trainer
 from kdpipe.losses import fused_sparse_kd_loss, fused_sparse_kd_terms
 from kdpipe.modules import KDModule, SFTModule
-from kdpipe.errors import PipelineConfigError, resolve_stages
-from kdpipe.pipeline.stages import (
-    STAGE_KINDS,
-    StageContext,
-    evaluate_stage,
-    inference_device,
-    instantiate_trainer,
-    optimizer_parts,
-    run_score,
-)
+from kdpipe.pipeline.spec import resolve_stages
+from kdpipe.pipeline.stages import STAGE_KINDS, StageContext
+from kdpipe.pipeline.stages.fit import evaluate_stage, optimizer_parts
+from kdpipe.pipeline.stages.score import run_score
 from kdpipe.store.reader import TeacherStore
-from kdpipe.cli.train import train
 from tests import npu_standin
-from tests.conftest import compose_cfg
-from tests.test_data import tiny_model
-from tests.test_losses_fused import H, K, V, assert_close, fused, make_case, reference
-from tests.test_store import encoded, write_store
+from tests.helpers import compose_cfg, encoded, tiny_llama, write_store
+from tests.unit.losses.test_fused import H, K, V, assert_close, fused, make_case, reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPT = functools.partial(torch.optim.AdamW, lr=1e-2)
@@ -191,11 +185,11 @@ def test_missing_torch_npu_fails_before_anything_runs(monkeypatch, tiny_cfg, tmp
     with pytest.raises(PipelineConfigError, match=r"trainer.accelerator=npu: torch_npu is not installed"):
         train(tiny_cfg("trainer=npu"))
     assert not (tmp_path / "run").exists()
-    # kdpipe-eval and kdpipe-cache: before loading any model
+    # kdpipe-eval and kdpipe-score: before loading any model
     with pytest.raises(NPUUnavailableError, match="pip install"):
         evaluate(compose_cfg([f"model_path={tmp_path}", "device=npu"], config_name="eval"))
     with pytest.raises(PipelineConfigError, match="pip install"):
-        cache(compose_cfg(["trainer=npu", f"teacher_path={tmp_path}"], tmp_path / "cache", config_name="cache"))
+        score(compose_cfg(["trainer=npu", f"teacher_path={tmp_path}"], tmp_path / "score", config_name="score"))
     # the loss: an explicit npu backend without torch_npu says so; auto quietly stays generic
     (h, w, _), (ids, lp, tail, labels, _) = make_case(seed=1, dtype=torch.float32)
     with pytest.raises(ValueError, match="needs torch_npu"):
@@ -251,7 +245,7 @@ def test_one_sft_and_one_kd_step_through_the_accelerator(npu, tokenizer, tmp_pat
         "kd": KDCollator(collate, TeacherStore(tmp_path / "store"))(examples),
     }
     for kind, batch in batches.items():
-        model = tiny_model(tokenizer)
+        model = tiny_llama(tokenizer)
         before = [p.detach().clone() for p in model.parameters()]
         if kind == "sft":
             module = SFTModule(model, OPT)
@@ -275,9 +269,11 @@ def test_score_stage_predicts_through_the_npu_trainer(npu, tiny_cfg, tmp_path):
     spec = next(s for s in resolve_stages(cfg, set(STAGE_KINDS)) if s.kind == "score")
     stage_dir = tmp_path / "run" / spec.dirname
     stage_dir.mkdir(parents=True)
-    metrics, _ = run_score(StageContext(cfg, spec, tmp_path / "run", stage_dir, None))
-    store = TeacherStore(metrics["stores"]["fast"])
-    assert int(store.manifest["total_rows"]) == metrics["fast_store"]["label_tokens"] > 0
+    result = run_score(StageContext(cfg, spec, tmp_path / "run", stage_dir, None))
+    (fast,) = result.stores
+    assert (fast.style, fast.sequences) == ("fast", "labels")
+    store = TeacherStore(fast.path)
+    assert int(store.manifest["total_rows"]) == result.metrics["fast_store"]["label_tokens"] > 0
     assert npu.called("set_device")  # Trainer.predict set up the NPU accelerator
     assert "npu" not in npu.autocast_types  # the stage's precision (32-true) replaced the config's bf16 plugin
 
@@ -293,7 +289,7 @@ def test_generation_runs_on_the_accelerator_device(npu, tiny_cfg, tmp_path, toke
     spec = next(s for s in resolve_stages(cfg, set(STAGE_KINDS)) if s.kind == "eval")
     stage_dir = tmp_path / "run" / spec.dirname
     stage_dir.mkdir(parents=True)
-    model = tiny_model(tokenizer)
+    model = tiny_llama(tokenizer)
     asked = len(npu.devices)
     metrics = evaluate_stage(StageContext(cfg, spec, tmp_path / "run", stage_dir, None), model, tokenizer)
     assert metrics["num_examples"] == 3 and npu.devices[asked:] == [1]
@@ -424,7 +420,7 @@ def test_generic_backend_is_bit_identical_with_or_without_the_npu(monkeypatch):
 
 def test_modules_pass_the_loss_backend(npu, tokenizer, tiny_cfg):
     batch = Collator(tokenizer.pad_token_id)(encoded(tokenizer)[:6])
-    model = tiny_model(tokenizer)
+    model = tiny_llama(tokenizer)
     losses = {}
     for backend in ("generic", "auto"):
         calls = len(npu.fused_ce_rows)
@@ -435,7 +431,7 @@ def test_modules_pass_the_loss_backend(npu, tokenizer, tiny_cfg):
     with pytest.raises(ValueError, match="loss_backend must be one of"):
         SFTModule(model, OPT, loss_backend="cuda")
     # the stage config key reaches the module arguments
-    cfg = tiny_cfg("+pipeline.stages.sft_fast.loss_backend=generic")
+    cfg = tiny_cfg("pipeline.stages.sft_fast.loss_backend=generic")
     specs = [s for s in resolve_stages(cfg, set(STAGE_KINDS)) if s.kind in ("sft", "kd")]
     parts = {s.name: optimizer_parts(s.config)["loss_backend"] for s in specs}
     assert parts["sft_fast"] == "generic" and parts["sft_reasoning"] == parts["kd_fast"] == "auto"

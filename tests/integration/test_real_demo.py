@@ -1,22 +1,20 @@
 """The real demo (``make real-demo``): SmolLM2-135M-Instruct from its GGUF file, SFT, score, KD, export, reload.
 
-Slow (a few minutes on 2 CPU cores): ``pytest -m slow tests/test_real_demo.py -s`` prints the figures.
+Slow (a few minutes on 2 CPU cores): ``pytest -m slow tests/integration/test_real_demo.py -s`` prints the figures.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from kdpipe.models.check_export import generate_from_export, last_export
 from kdpipe.cli.train import train
-from tests.conftest import compose_cfg
+from kdpipe.models.check_export import generate_from_export, last_export
+from tests.helpers import REPO, compose_cfg, store_of
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "samples" / "chat_sample.jsonl"
+SAMPLE = REPO / "data" / "samples" / "chat_sample.jsonl"
 
 pytestmark = [
     pytest.mark.slow,
@@ -35,9 +33,9 @@ def test_the_real_demo_trains_distils_and_exports_a_loadable_smollm2(tmp_path):
         ["experiment=real_demo", "callbacks=none", "print_config=false", f"paths.root_dir={tmp_path}", *files],
         run_dir,
     )
-    payload = train(cfg)
-    stages = {s["name"]: s for s in payload["stages"]}
-    assert [s["status"] for s in payload["stages"]] == ["done"] * 4
+    run = train(cfg)
+    stages = {s["name"]: s for s in run.results["stages"]}
+    assert [s["status"] for s in run.results["stages"]] == ["done"] * 4
     for name in ("sft_chat", "kd_chat"):
         metrics = stages[name]["metrics"]
         assert metrics["steps"] == 4 and metrics["steps_per_s"] > 0 and metrics["peak_rss_mb"] > 0
@@ -46,7 +44,7 @@ def test_the_real_demo_trains_distils_and_exports_a_loadable_smollm2(tmp_path):
             f"\n{name}: {metrics['steps_per_s']:.3f} steps/s, {metrics['tokens_per_s']:.1f} tokens/s, "
             f"{metrics['train_seconds']:.0f}s, peak RSS {metrics['peak_rss_mb']:.0f} MiB"
         )
-    store = Path(stages["score_chat"]["metrics"]["stores"]["reasoning"])
+    store = store_of(run, "score_chat", "reasoning")
     assert json.loads((store / "manifest.json").read_text())["tokenizer"]["vocab_size"] == 49152
     assert stages["eval_chat"]["metrics"]["num_examples"] == 4  # reloaded kd_chat's export and generated
     export = last_export(run_dir)

@@ -10,8 +10,7 @@ import torch
 from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.modules import KDModule, SFTModule
 from kdpipe.store.reader import TeacherStore
-from tests.test_data import tiny_model
-from tests.test_store import encoded, write_store
+from tests.helpers import encoded, tiny_llama, write_store
 
 OPT = functools.partial(torch.optim.AdamW, lr=1e-3)
 
@@ -24,7 +23,7 @@ def grads_of(module, loss):
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_fused_equals_plain(tokenizer, packing):
     batch = Collator(tokenizer.pad_token_id, packing=packing)(encoded(tokenizer)[:6])
-    model = tiny_model(tokenizer).double()
+    model = tiny_llama(tokenizer).double()
     fused, plain = SFTModule(model, OPT, loss_impl="fused", chunk_size=7), SFTModule(model, OPT, loss_impl="plain")
     lf, lp = fused.loss(batch), plain.loss(batch)
     assert torch.allclose(lf, lp.double(), rtol=1e-6)
@@ -37,7 +36,7 @@ def test_kd_fused_equals_plain_with_a_real_store(tokenizer, tmp_path, divergence
     examples = encoded(tokenizer)
     write_store(tmp_path / "store", tokenizer, examples)
     batch = KDCollator(Collator(tokenizer.pad_token_id), TeacherStore(tmp_path / "store"))(examples[:6])
-    model = tiny_model(tokenizer).double()
+    model = tiny_llama(tokenizer).double()
     opts = {"divergence": divergence, "ce_weight": 0.3, "temperature": 2.0, "beta": 0.4}
     logged = {}
     modules = [KDModule(model, OPT, loss=opts, loss_impl=impl, chunk_size=5) for impl in ("fused", "plain")]
@@ -58,7 +57,7 @@ def test_kd_fused_equals_plain_with_a_real_store(tokenizer, tmp_path, divergence
 
 def test_validation_loss_is_the_same_on_both_paths(tokenizer):
     batch = Collator(tokenizer.pad_token_id)(encoded(tokenizer)[:6])
-    model = tiny_model(tokenizer)
+    model = tiny_llama(tokenizer)
     values = []
     for impl in ("fused", "plain"):
         module = SFTModule(model, OPT, loss_impl=impl)
