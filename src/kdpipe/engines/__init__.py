@@ -1,6 +1,6 @@
 """Inference that does not train: the teacher over label or rollout sequences into a store, and sampling
 rollouts. The Hugging Face path runs on Lightning's ``Trainer.predict`` and the model's own ``generate``."""
 
-from kdpipe.engines.scoring import score_or_reuse, score_teacher, store_path
+from kdpipe.engines.scoring import score_teacher, store_path
 
-__all__ = ["score_or_reuse", "score_teacher", "store_path"]
+__all__ = ["score_teacher", "store_path"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -51,7 +52,7 @@ def store_path(store_root: str | Path, meta: dict) -> Path:
     return Path(store_root).expanduser().resolve() / f"{data['style']}-{data['split']}-k{meta['k']}-{key}"
 
 
-def score_or_reuse(
+def score_teacher(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[EncodedExample],
@@ -66,10 +67,11 @@ def score_or_reuse(
     chunk_size: int = 4096,
     precision: str | None = "32-true",
     trainer: DictConfig | dict | None = None,
-) -> tuple[Path, bool]:
-    """Score ``examples`` (encoded in ``style``) with the teacher into a store and return its path, and whether
-    a complete store with the same content was reused (also one another job finished while this one waited for
-    it); an interrupted one is finished (complete shards are kept).
+    on_reuse: Callable[[], None] | None = None,
+) -> Path:
+    """Score ``examples`` (encoded in ``style``) with the teacher into a store and return its path; a complete
+    store with the same content is reused (``on_reuse`` is called then: also when another job finished it while
+    this one waited for it), an interrupted one is finished (complete shards are kept).
 
     Args:
         k, temperature: top-k entries stored per label position, and the teacher's softmax temperature.
@@ -89,6 +91,8 @@ def score_or_reuse(
     with claimed(path, lambda: True if (path / MANIFEST).exists() else None) as found:
         if found is not None:
             console.print(f"reusing teacher store {path}")
+            if on_reuse is not None:
+                on_reuse()
         else:
             trainer_cfg = OmegaConf.create(trainer if trainer is not None else CPU_TRAINER)
             spec = codec.make_spec(len(tokenizer), k)
@@ -113,27 +117,4 @@ def score_or_reuse(
             predictor.strategy.barrier()  # every rank's shards are on disk
             run_on_rank_zero(lambda: make_writer(0, 1).finalize())  # one manifest over them; the others wait
     TeacherStore(path).check_compatible(tokenizer, examples)
-    return path, found is not None
-
-
-def score_teacher(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: list[EncodedExample],
-    *,
-    style: str,
-    split: str,
-    store_root: str | Path,
-    k: int = 16,
-    temperature: float = 1.0,
-    batch_size: int = 64,
-    shard_size: int = 2048,
-    chunk_size: int = 4096,
-    precision: str | None = "32-true",
-    trainer: DictConfig | dict | None = None,
-) -> Path:
-    """:func:`score_or_reuse`, returning the store's path only (the arguments are its)."""
-    settings = {"style": style, "split": split, "store_root": store_root, "k": k, "temperature": temperature,
-                "batch_size": batch_size, "shard_size": shard_size, "chunk_size": chunk_size,
-                "precision": precision, "trainer": trainer}  # fmt: skip
-    return score_or_reuse(model, tokenizer, examples, **settings)[0]
+    return path

@@ -8,7 +8,7 @@ import time
 from kdpipe.data.datamodule import encode_examples
 from kdpipe.data.rollouts import load_rollouts
 from kdpipe.data.sources import load_examples
-from kdpipe.engines import score_or_reuse
+from kdpipe.engines import score_teacher
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.strategy import wrapped_in_place
 from kdpipe.pipeline.result import SEQUENCES, StageResult, StoreRef
@@ -39,8 +39,8 @@ def run_score(ctx: StageContext) -> StageResult:
         examples, _ = encode_examples(tokenizer, ctx.cfg.data, raw, [style])
         if not examples:
             raise PipelineConfigError(f"stage {ctx.spec.name!r}: nothing to score for style {style!r} ({sequences})")
-        started = time.perf_counter()
-        path, reused = score_or_reuse(
+        started, reused = time.perf_counter(), []
+        path = score_teacher(
             model,
             tokenizer,
             examples,
@@ -54,6 +54,7 @@ def run_score(ctx: StageContext) -> StageResult:
             chunk_size=int(settings.chunk_size),
             precision=settings.get("precision"),
             trainer=ctx.cfg.trainer,
+            on_reuse=lambda reused=reused: reused.append(True),
         )
         if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
             model, _ = load_model_and_tokenizer(ctx)
@@ -63,7 +64,7 @@ def run_score(ctx: StageContext) -> StageResult:
         result.stores.append(StoreRef(style, sequences, path))
         result.metrics[f"{style}_{'rollout_' if sequences == 'rollouts' else ''}store"] = {
             "name": path.name,
-            "reused": reused,
+            "reused": bool(reused),
             "examples": len(examples),
             "label_tokens": rows,
             "bytes": nbytes,
