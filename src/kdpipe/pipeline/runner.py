@@ -125,7 +125,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> Pipel
     elif holds_run:
         raise PipelineConfigError(f"{run_dir} already holds a run: pass resume={run_dir} to continue it")
     else:
-        state = PipelineState.new(run_dir, specs, list(cfg.models.keys()))
+        state = PipelineState.new(run_dir, specs)
     barrier()
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)

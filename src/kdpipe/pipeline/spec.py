@@ -82,13 +82,13 @@ def _unknown_keys(spec: DictConfig, defaults: DictConfig, prefix: str, skip=()) 
 
 
 def _with_group(cfg: DictConfig, key: str, own):
-    """A stage's ``optimizer`` / ``scheduler`` / ``curriculum``: the top-level group with the stage's keys changed
-    (None: none; a different ``_target_``: the stage's own class, whole)."""
+    """A stage's ``optimizer`` / ``scheduler`` / ``curriculum``: the top-level group with the stage's keys changed.
+    A different ``_target_`` is the stage's own class, whole; ``scheduler: null`` means no schedule."""
     group = cfg.get(key)
     group = OmegaConf.to_container(group, resolve=True) if isinstance(group, DictConfig) else group
-    if own is None or not isinstance(group, dict):
-        return own if own is not None or key == "scheduler" else group
-    if "_target_" in own and own["_target_"] != group.get("_target_"):
+    if own is None:
+        return None if key == "scheduler" else group
+    if not isinstance(group, dict) or ("_target_" in own and own["_target_"] != group.get("_target_")):
         return own
     return OmegaConf.to_container(OmegaConf.merge(group, own))
 

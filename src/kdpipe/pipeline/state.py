@@ -11,7 +11,7 @@ load; any other version is refused, naming it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kdpipe.errors import PipelineConfigError
@@ -70,13 +70,11 @@ class PipelineState:
 
     run_dir: Path
     stages: list[StageRecord]
-    models: list[str] = field(default_factory=list)
     version: int = STATE_VERSION
 
     @classmethod
-    def new(cls, run_dir: Path, specs: list[StageSpec], models: list[str]) -> PipelineState:
-        records = [StageRecord(s.name, s.kind, s.model, s.dirname) for s in specs]
-        return cls(run_dir=run_dir, stages=records, models=list(models))
+    def new(cls, run_dir: Path, specs: list[StageSpec]) -> PipelineState:
+        return cls(run_dir=run_dir, stages=[StageRecord(s.name, s.kind, s.model, s.dirname) for s in specs])
 
     @classmethod
     def load(cls, run_dir: Path, specs: list[StageSpec]) -> PipelineState:
@@ -96,7 +94,7 @@ class PipelineState:
         for s in raw["stages"]:
             result = StageResult.from_json(s["result"], run_dir) if s.get("result") is not None else None
             records.append(StageRecord(**{**s, "result": result}))
-        state = cls(run_dir=run_dir, stages=records, models=sorted({s.model for s in specs}))
+        state = cls(run_dir=run_dir, stages=records)
         saved, wanted = [s.name for s in state.stages], [s.name for s in specs]
         if saved != wanted:
             raise PipelineConfigError(f"{path}: the run's stage order {saved} differs from the config's {wanted}")

@@ -119,7 +119,7 @@ def test_a_version_1_state_is_migrated_on_load(tmp_path):
 def test_a_version_2_state_round_trips_and_later_stages_start_from_the_latest_artifacts(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    state = PipelineState.new(run, specs(), ["teacher", "student"])
+    state = PipelineState.new(run, specs())
     assert state.model_path("student") is None and state.stores == {} and state.rollouts == {}
     first, second = tmp_path / "stores" / "fast-a", tmp_path / "stores" / "fast-b"
     state.mark_done(0, StageResult({"accuracy": 0.5}, export=run / "01_teacher_sft" / "export"))
@@ -145,6 +145,6 @@ def test_an_unknown_state_version_is_refused_naming_it(tmp_path, version):
 
 
 def test_a_state_of_another_stage_order_is_refused(tmp_path):
-    PipelineState.new(tmp_path, specs(), ["teacher", "student"]).save()
+    PipelineState.new(tmp_path, specs()).save()
     with pytest.raises(PipelineConfigError, match="differs from the config's"):
         PipelineState.load(tmp_path, specs()[:3])
