@@ -53,7 +53,7 @@ def install_hint() -> str:
     return (
         f'pip install "torch_npu=={release}.*" (torch_npu pins torch exactly; this torch is {torch.__version__}; '
         f"the kdpipe[ascend] extra installs torch_npu but cannot pick the matching version for you), with Huawei's "
-        f"CANN toolkit installed and sourced: `source {CANN_SET_ENV}` (README: Running on Ascend)"
+        f"CANN toolkit installed and sourced: `source {CANN_SET_ENV}` (docs/ascend.md)"
     )
 
 
@@ -66,7 +66,7 @@ def _load_failure(err: BaseException) -> str:
         return (
             f"torch_npu is installed but cannot load its CANN libraries ({text}): the CANN toolkit is missing or not "
             f"sourced in this shell{why}. Run `source {CANN_SET_ENV}` (or set_env.sh under your CANN install path) "
-            f"and retry; install CANN first if it is not there (README: Running on Ascend)"
+            f"and retry; install CANN first if it is not there (docs/ascend.md)"
         )
     return (
         f"torch_npu is installed but failed to import ({text}). Check that it matches torch {torch.__version__} "

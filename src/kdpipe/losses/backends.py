@@ -61,7 +61,7 @@ def choose_backend(
         if fused_ce is None:
             raise ValueError(
                 "backend='npu' needs torch_npu (imported) with npu_cross_entropy_loss: install the kdpipe[ascend] "
-                "extra and run on an NPU (README: Running on Ascend), or use backend='auto' / 'generic'"
+                "extra and run on an NPU (docs/ascend.md), or use backend='auto' / 'generic'"
             )
         if not on_npu:
             raise ValueError(f"backend='npu' needs the hidden states on an NPU, got them on {hidden.device}")
