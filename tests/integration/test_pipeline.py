@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from kdpipe.cli.train import train
@@ -176,7 +177,14 @@ def test_each_logger_writes_where_documented(tiny_cfg, tmp_path, logger):
     if logger == "tensorboard":
         assert list(logs.glob("tensorboard/events.out.tfevents.*"))
     elif logger == "csv":
-        assert "train/loss" in (logs / "csv" / "metrics.csv").read_text()
+        logged = (logs / "csv" / "metrics.csv").read_text()
+        assert "train/loss" in logged
+        # what it scored, beside the losses: the evaluation's accuracy and the stage's final metrics
+        assert "stage/accuracy" in logged and "stage/accuracy_by_level/1" in logged and "stage/steps" in logged
+        # and what was run: settings, model, data and seed as the run's hyperparameters
+        hparams = yaml.safe_load((logs / "csv" / "hparams.yaml").read_text())
+        assert hparams["stage"]["name"] == "sft_fast" and hparams["settings"]["max_steps"] == 6
+        assert hparams["model"]["arch"]["hidden_size"] and hparams["data"]["source"] == "arith"
     else:
         assert not logs.exists()
     assert (tmp_path / "run" / "results.json").exists()

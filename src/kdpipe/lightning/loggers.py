@@ -41,7 +41,31 @@ def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, stage_dir: Path, 
     return loggers
 
 
-def finish_loggers(loggers: list) -> None:
+def log_config(loggers: list, config: dict) -> None:
+    """What was run: the stage's settings, model, data and seed, as every logger's hyperparameters."""
+    for logger in loggers:
+        logger.log_hyperparams(config)
+
+
+def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Every number of a metrics dict (nested ones as ``a/b``); strings, lists and None left out."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flat_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def log_results(loggers: list, metrics: dict, step: int) -> None:
+    """What it scored: the stage's final metrics (evaluation included) under ``stage/``, at its last step."""
+    numbers = flat_numbers(metrics, "stage/")
+    for logger in loggers:
+        logger.log_metrics(numbers, step=step)
+
+
+def finish_loggers(loggers: list, status: str = "success") -> None:
     """Close every logger; wandb runs are finished so the next stage (or multirun job) starts its own.
 
     ``WandbLogger(offline=True)`` sets ``WANDB_MODE`` for the rest of the process, and wandb keeps the settings
@@ -49,7 +73,7 @@ def finish_loggers(loggers: list) -> None:
     same process, so a later stage or job would silently get the first one's mode. The stage puts
     ``WANDB_MODE`` back as it found it and tears wandb down, so the next run reads its own settings afresh."""
     for logger in loggers:
-        logger.finalize("success")
+        logger.finalize(status)
         if type(logger).__name__ == "WandbLogger":
             import wandb  # only when a wandb logger exists: wandb is slow to import
 

@@ -9,7 +9,7 @@ import warnings
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.datamodule import PostTrainDataModule
 from kdpipe.data.encode import system_prompt_for
@@ -17,7 +17,7 @@ from kdpipe.data.scorers import needs_model, needs_store, scorer_config
 from kdpipe.data.sources import load_examples
 from kdpipe.errors import PipelineConfigError
 from kdpipe.eval import evaluate_model
-from kdpipe.lightning.loggers import finish_loggers, make_loggers
+from kdpipe.lightning.loggers import finish_loggers, log_config, log_results, make_loggers
 from kdpipe.lightning.precision import resolve_precision
 from kdpipe.lightning.strategy import shards_weights
 from kdpipe.lightning.trainer import inference_device, instantiate_trainer
@@ -135,6 +135,19 @@ def make_trainer(ctx: StageContext, max_steps: int, loggers: list, precision: st
     )
 
 
+def run_config(ctx: StageContext) -> dict:
+    """What the loggers record as the stage's hyperparameters: everything that determines its result."""
+    return {
+        "stage": {"name": ctx.spec.name, "kind": ctx.spec.kind, "index": ctx.spec.index, "seed": ctx.seed},
+        "settings": OmegaConf.to_container(ctx.settings, resolve=True),
+        "model": OmegaConf.to_container(ctx.model_cfg, resolve=True),
+        "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
+        "trainer": OmegaConf.to_container(ctx.cfg.trainer, resolve=True),
+        "run_dir": str(ctx.run_dir),
+        "starts_from": None if ctx.start_from is None else str(ctx.start_from),
+    }
+
+
 def stage_precision(ctx: StageContext, model, train_examples: list) -> tuple[str | None, dict]:
     """The stage's training precision (``trainer.precision``; ``auto`` is measured once per stage and kept in
     ``<stage>/precision.json``, so a resumed stage trains on in the precision it started with)."""
@@ -148,6 +161,43 @@ def stage_precision(ctx: StageContext, model, train_examples: list) -> tuple[str
     if info and is_rank_zero():
         atomic_write_json(saved, {"precision": precision, "info": info})
     return precision, info
+
+
+def export_and_evaluate(
+    ctx: StageContext, trainer: L.Trainer, module, tokenizer, datamodule, seconds: float, precision_info: dict
+) -> StageResult:
+    """After ``fit``: the training metrics, then on rank 0 the export and the evaluation of the trained model."""
+    settings = ctx.settings
+    whole = trained_model(ctx, trainer, module)  # every rank calls it (a gather, for a sharded strategy)
+    metrics = {
+        "train_seconds": seconds,
+        "steps": trainer.global_step,
+        "train_examples": len(datamodule.encode_split("train")),  # cached: the split fit used
+        "dropped_too_long": datamodule.dropped.get("train", 0),
+        "truncated_too_long": getattr(datamodule, "truncated", {}).get("train", 0),
+        "skipped_invalid": getattr(datamodule, "skipped_invalid", {}).get("train", 0),
+        **{k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()},
+        **module.throughput(),
+        **peak_memory_mb(),
+        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+        **precision_info,
+    }
+    # optimizer steps per second of training-step time (this process's steps; validation excluded)
+    metrics["steps_per_s"] = metrics["batches_per_s"] / int(settings.accumulate_grad_batches)
+
+    def on_rank_zero() -> StageResult:  # the others wait, then read the export
+        trainable = count_parameters(whole, trainable_only=True)
+        model = merged(whole)  # LoRA: the adapters merged in; the export and the evaluation use this model
+        found = {"parameters": count_parameters(model), "trainable_parameters": trainable}
+        export = export_model(model, tokenizer, ctx.stage_dir / "export")
+        if settings.eval.enabled:
+            found.update(evaluate_stage(ctx, model, tokenizer))
+        return StageResult(found, export=export)
+
+    result = run_on_rank_zero(on_rank_zero)
+    result.metrics = {**metrics, **result.metrics}
+    return result
 
 
 def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostTrainDataModule) -> StageResult:
@@ -171,44 +221,20 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
     L.seed_everything(ctx.seed, verbose=False)
     module.model.train()
     started = time.perf_counter()
+    log_config(loggers, run_config(ctx))
+    status = "failed"
     try:
         # our own checkpoints hold tensors and plain containers only: load them without unpickling code
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if trainer.interrupted:
             raise KeyboardInterrupt(f"stage {ctx.spec.dirname} interrupted at step {trainer.global_step}")
         trainer.save_checkpoint(last, weights_only=False)  # full state: weights, optimizer, loops
+        seconds = time.perf_counter() - started
+        result = export_and_evaluate(ctx, trainer, module, tokenizer, datamodule, seconds, precision_info)
+        log_results(loggers, result.metrics, trainer.global_step)  # what it scored, beside what it ran
+        status = "success"
     finally:
-        finish_loggers(loggers)
-    seconds = time.perf_counter() - started
-    whole = trained_model(ctx, trainer, module)  # every rank calls it (a gather, for a sharded strategy)
-    metrics = {
-        "train_seconds": seconds,
-        "steps": trainer.global_step,
-        "train_examples": len(train_examples),
-        "dropped_too_long": datamodule.dropped.get("train", 0),
-        "truncated_too_long": getattr(datamodule, "truncated", {}).get("train", 0),
-        "skipped_invalid": getattr(datamodule, "skipped_invalid", {}).get("train", 0),
-        **{k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()},
-        **module.throughput(),
-        **peak_memory_mb(),
-        "world_size": trainer.world_size,
-        "precision": str(trainer.precision),
-        **precision_info,
-    }
-    # optimizer steps per second of training-step time (this process's steps; validation excluded)
-    metrics["steps_per_s"] = metrics["batches_per_s"] / int(settings.accumulate_grad_batches)
-
-    def export_and_evaluate() -> StageResult:  # rank 0: the others wait, then read the export
-        trainable = count_parameters(whole, trainable_only=True)
-        model = merged(whole)  # LoRA: the adapters merged in; the export and the evaluation use this model
-        found = {"parameters": count_parameters(model), "trainable_parameters": trainable}
-        export = export_model(model, tokenizer, ctx.stage_dir / "export")
-        if settings.eval.enabled:
-            found.update(evaluate_stage(ctx, model, tokenizer))
-        return StageResult(found, export=export)
-
-    result = run_on_rank_zero(export_and_evaluate)
-    result.metrics = {**metrics, **result.metrics}
+        finish_loggers(loggers, status)
     metrics = result.metrics
     console.print(
         f"stage {ctx.spec.dirname}: {metrics['steps']} steps in {seconds:.1f}s, {metrics['steps_per_s']:.3g} "
