@@ -69,9 +69,8 @@ def score(cfg: DictConfig) -> dict[str, Path]:
             precision=cfg.get("precision"),
             trainer=cfg.trainer,
         )
-        manifest = TeacherStore(path).manifest
-        nbytes = sum((path / sh["file"]).stat().st_size for sh in manifest["shards"])
-        rows = int(manifest["total_rows"])
+        store = TeacherStore(path)
+        nbytes, rows = store.nbytes, store.num_rows
         Console().print(
             f"{style}: {path} ({len(examples)} examples, {rows} label tokens, "
             f"{nbytes / max(rows * int(cfg.k), 1):.3f} bytes/entry)"

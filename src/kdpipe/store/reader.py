@@ -85,6 +85,16 @@ class TeacherStore:
     def temperature(self) -> float:
         return float(self.manifest["temperature"])
 
+    @property
+    def num_rows(self) -> int:
+        """Label positions stored (one row of k entries each)."""
+        return int(self.manifest["total_rows"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the shard files on disk."""
+        return sum((self.path / shard["file"]).stat().st_size for shard in self.manifest["shards"])
+
     def __len__(self) -> int:
         return len(self.index)
 

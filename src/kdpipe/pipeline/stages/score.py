@@ -58,9 +58,8 @@ def run_score(ctx: StageContext) -> StageResult:
         )
         if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
             model, _ = load_model_and_tokenizer(ctx)
-        manifest = TeacherStore(path).manifest
-        nbytes = sum((path / sh["file"]).stat().st_size for sh in manifest["shards"])
-        rows = int(manifest["total_rows"])
+        store = TeacherStore(path)
+        nbytes, rows = store.nbytes, store.num_rows
         result.stores.append(StoreRef(style, sequences, path))
         result.metrics[f"{style}_{'rollout_' if sequences == 'rollouts' else ''}store"] = {
             "name": path.name,
