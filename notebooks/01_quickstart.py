@@ -88,7 +88,7 @@ from kdpipe.data.datamodule import PostTrainDataModule
 from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.sources import load_examples
 from kdpipe.engines import score_teacher
-from kdpipe.eval import evaluate_model
+from kdpipe.eval import build_metric, evaluate_model
 from kdpipe.models.factory import build_model, count_parameters
 from kdpipe.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from kdpipe.models.tokenizer import build_char_tokenizer
@@ -441,17 +441,20 @@ print("saved", plot_path)
 # ## 5. Evaluate both models
 #
 # `evaluate_model` greedy-decodes an answer to every test problem (prompted for the style through the
-# chat template) and scores the final `Answer: N` by exact match, overall and per level; it also reports
-# the teacher-forced loss on the reference responses of that style.
+# chat template) and scores it with a metric: `build_metric("auto", ...)` is, on the built-in task, the
+# exact match of the final `Answer: N` (`answer_match(answer_colon)`), overall and per level. It also
+# reports the teacher-forced loss on the reference responses of that style.
 
 # %%
 test_examples = load_examples(cfg.data, "test")
+metric = build_metric("auto", data_cfg=cfg.data)
 results = {}
 for name, model in (("teacher", teacher), ("student (KD)", student)):
     metrics, records = evaluate_model(
         model,
         tokenizer,
         test_examples,
+        metric=metric,
         style=STYLE,
         system_prompt=system_prompt_for(cfg.data, STYLE),
         batch_size=64,
@@ -467,8 +470,8 @@ for name, model in (("teacher", teacher), ("student (KD)", student)):
 
 print("\nthe student's first answers:")
 for record in results["student (KD)"][1][:3]:
-    verdict = "ok " if record["correct"] else "bad"
-    print(f"{record['prompt']} = {record['answer']}  {verdict}  {record['response']!r}")
+    verdict = "ok " if record["score"] == 1.0 else "bad"
+    print(f"{record['prompt']} = {record['reference_answer']}  {verdict}  {record['reply']!r}")
 
 # %%
 levels = list(results["teacher"][0]["accuracy_by_level"])

@@ -3,6 +3,7 @@ classes that configs can point at (``_target_: tests.helpers.X``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -290,3 +291,35 @@ class CPUFSDPStrategy(FSDPStrategy):
         )
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
+
+
+def third_party_chat(n: int = 12, *, numeric: bool = True) -> list[dict]:
+    """Chat records as a third party writes them: a system turn, a question, a reply ending with "The answer
+    is N." (``numeric=False``: replies without any number, e.g. open-ended chat)."""
+    records = []
+    for i in range(n):
+        a, b = 3 + i, 5 + 2 * i
+        question = f"Tom has {a} apples and buys {b} more. How many now?" if numeric else f"Say hello {i}"
+        reply = f"{a} + {b} = {a + b}. The answer is {a + b}." if numeric else f"Hello there, friend {'x' * i}!"
+        records.append(
+            {
+                "id": f"q{i}",
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": reply},
+                ],
+            }
+        )
+    return records
+
+
+def write_records(path: Path, records: list) -> Path:
+    """Write records as JSON lines (strings as they are: a broken line is a string)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def chat_data_overrides(path: Path) -> list[str]:
+    """Overrides that point ``data=jsonl_chat`` at one file for every split."""
+    return ["data=jsonl_chat", *[f"data.files.{split}={path}" for split in ("train", "val", "test")]]

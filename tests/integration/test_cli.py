@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdpipe.data.arith import generate_split
 from tests.helpers import TinyConfig, run_cli
 
 
@@ -34,12 +33,12 @@ def test_train_cli_prints_table_and_writes_offline_wandb(trained_run):
 def test_eval_cli_evaluates_a_stage_export(trained_run, tmp_path):
     out = tmp_path / "eval.json"
     export = trained_run / "02_sft_fast" / "export"
-    run_cli(
-        "kdpipe-eval", f"model_path={export}", "data.n_test_per_level=3", "style=fast", f"output={out}", cwd=tmp_path
-    )
-    metrics = json.loads(out.read_text())["metrics"]
-    assert metrics["num_examples"] == len(generate_split("test", 3))
-    assert {"accuracy", "accuracy_by_level", "mean_response_tokens", "loss"} <= set(metrics)
+    run_cli("kdpipe-eval", f"model_path={export}", "limit=15", "style=reasoning", f"output={out}", cwd=tmp_path)
+    written = json.loads(out.read_text())
+    metrics = written["metrics"]
+    assert metrics["num_examples"] == 15 and written["style"] == "reasoning"  # the command's keys over the run's
+    assert written["data"]["source"] == "arith" and written["metric"] == "answer_match(answer_colon)"
+    assert {"accuracy", "accuracy_by_level", "mean_response_tokens", "loss", "perplexity"} <= set(metrics)
     assert out.with_suffix(".jsonl").exists()
 
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from kdpipe.errors import PipelineConfigError
 from kdpipe.pipeline.spec import resolve_stages
 from kdpipe.pipeline.stages import STAGE_KINDS
 from kdpipe.pipeline.state import PipelineState
-from tests.helpers import assert_same_weights, crash_override, store_of
+from tests.helpers import assert_same_weights, cli_env, crash_override, store_of
 
 
 def test_tiny_pipeline_writes_every_output(tiny_cfg, tmp_path):
@@ -170,24 +172,69 @@ def test_a_pretrained_teacher_export_is_loaded_with_its_own_tokenizer(tiny_cfg, 
     assert manifest["tokenizer"]["vocab_size"] == trained["model.embed_tokens.weight"].shape[0]
 
 
+def assert_generations_sample(sample: Path, generations: Path, rows: int) -> None:
+    """A logger's ``generations_sample.jsonl``: the first ``rows`` records of the stage's generations, every
+    key present and every value a string."""
+    first = [json.loads(line) for line in generations.read_text().splitlines()[:rows]]
+    logged = [json.loads(line) for line in sample.read_text().splitlines()]
+    assert len(logged) == rows and [r["id"] for r in logged] == [r["id"] for r in first]
+    assert all(set(r) == set(first[0]) and all(isinstance(v, str) for v in r.values()) for r in logged)
+
+
 @pytest.mark.parametrize("logger", ["tensorboard", "csv", "none"])
 def test_each_logger_writes_where_documented(tiny_cfg, tmp_path, logger):
-    train(tiny_cfg(f"logger={logger}", "pipeline.order=[sft_fast]"))
-    logs = tmp_path / "run" / "01_sft_fast" / "logs"
+    sample = [] if logger == "none" else [f"logger.{logger}.generations_sample=5"]
+    train(tiny_cfg(f"logger={logger}", "pipeline.order=[sft_fast]", *sample))
+    stage = tmp_path / "run" / "01_sft_fast"
+    logs = stage / "logs"
     if logger == "tensorboard":
         assert list(logs.glob("tensorboard/events.out.tfevents.*"))
+        assert_generations_sample(logs / "tensorboard" / "generations_sample.jsonl", stage / "generations.jsonl", 5)
     elif logger == "csv":
         logged = (logs / "csv" / "metrics.csv").read_text()
         assert "train/loss" in logged
-        # what it scored, beside the losses: the evaluation's accuracy and the stage's final metrics
-        assert "stage/accuracy" in logged and "stage/accuracy_by_level/1" in logged and "stage/steps" in logged
-        # and what was run: settings, model, data and seed as the run's hyperparameters
+        # what it scored, beside the losses: the evaluation under eval/, the stage's other final metrics under stage/
+        assert "eval/accuracy" in logged and "eval/accuracy_by_level/1" in logged and "eval/loss" in logged
+        assert "stage/steps" in logged and "stage/accuracy" not in logged
+        assert_generations_sample(logs / "csv" / "generations_sample.jsonl", stage / "generations.jsonl", 5)
+        # and what was run: settings, model, data and seed as the run's hyperparameters; the evaluation's strings
         hparams = yaml.safe_load((logs / "csv" / "hparams.yaml").read_text())
         assert hparams["stage"]["name"] == "sft_fast" and hparams["settings"]["max_steps"] == 6
         assert hparams["model"]["arch"]["hidden_size"] and hparams["data"]["source"] == "arith"
+        assert hparams["eval"]["eval_split"] == "test" and "sweep" not in hparams  # no multirun here
     else:
         assert not logs.exists()
     assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_an_eval_stage_logs_its_config_evaluation_and_generations(tiny_cfg, tmp_path):
+    train(tiny_cfg("pipeline.order=[eval_student]"))
+    logs = tmp_path / "run" / "01_eval_student" / "logs" / "csv"
+    logged = (logs / "metrics.csv").read_text()
+    assert "eval/accuracy" in logged and "eval/mean_response_tokens" in logged and "stage/parameters" in logged
+    assert yaml.safe_load((logs / "hparams.yaml").read_text())["stage"]["kind"] == "eval"
+    assert (logs / "generations_sample.jsonl").exists()
+
+
+def test_wandb_offline_run_holds_config_and_summary_and_prints_one_line(tiny_cfg, tmp_path, monkeypatch, capfd):
+    for key, value in cli_env(tmp_path).items():
+        if key.startswith("WANDB_"):  # wandb's own folders in the test's tmp dir
+            monkeypatch.setenv(key, value)
+    for key in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE"):  # the logger config's own quiet, not the test's
+        monkeypatch.delenv(key, raising=False)
+    train(tiny_cfg("logger=wandb", "pipeline.order=[sft_fast]"))
+    out = capfd.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line.startswith("wandb")]  # wandb's prefix too
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*-01_sft_fast")
+    assert lines == [f"wandb: offline run in {run}; upload it with: wandb sync {run}"]  # the stage's one line
+    assert not any(key in os.environ for key in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE"))  # put back
+    config = yaml.safe_load((run / "files" / "config.yaml").read_text())
+    assert config["stage"]["value"]["name"] == "sft_fast" and config["settings"]["value"]["max_steps"] == 6
+    assert config["eval"]["value"]["eval_split"] == "test"  # the evaluation's strings, beside the settings
+    summary = json.loads((run / "files" / "wandb-summary.json").read_text())
+    assert isinstance(summary["eval/accuracy"], int | float) and "stage/steps" in summary
+    assert "stage/accuracy" not in summary and "train/loss" in summary
+    assert summary["eval/generations"]["_type"] == "table-file" and summary["eval/generations"]["nrows"] == 20
 
 
 def test_a_stage_can_order_its_data_by_teacher_nll_from_the_store(tiny_cfg, tmp_path):

@@ -151,16 +151,20 @@ def test_multirun_over_stage_orders_shares_one_teacher_and_store_and_finishes_wa
         assert all(f.stat().st_mtime < started_second for f in store.iterdir())
     assert len([p for p in (tmp_path / "logs" / "stores").iterdir() if not p.name.startswith(".")]) == 2  # + locks
 
-    # wandb: one finished offline run per stage each job trained, none carried over from the first job
+    # wandb: one finished offline run per stage each job ran (training and score stages; a stage shared from
+    # another job runs nothing), none carried over from the first job, each with its job's sweep overrides
     run_ids = set()
-    for job, payload in zip(jobs, (first, second)):
-        trained = [s for s in payload["stages"] if s["kind"] in ("sft", "kd") and "shared_from" not in s["metrics"]]
+    for number, (job, payload) in enumerate(zip(jobs, (first, second))):
+        ran = [s for s in payload["stages"] if "shared_from" not in s["metrics"]]
         runs = sorted((job / "wandb").glob("offline-run-*"))
-        assert len(runs) == len(trained) == 4
+        assert len(runs) == len(ran) == 5
         for run in runs:
             assert "finishing run" in (run / "logs" / "debug.log").read_text()
             run_ids.add(run.name.split("-", 3)[-1])
-    assert len(run_ids) == 8
+            sweep = yaml.safe_load((run / "files" / "config.yaml").read_text())["sweep"]["value"]
+            preset = ("sft_r_sft_f_kd_f", "alternation")[number]
+            assert sweep["job_num"] == number and f"pipeline/preset={preset}" in sweep["overrides"]
+    assert len(run_ids) == 10
 
 
 def test_optuna_sweep_runs_two_trials_in_memory(tiny_cfg, tmp_path):

@@ -96,8 +96,11 @@ def stage_metrics(job: Job, stage: str | None) -> dict:
         named = [s for s in stages if s["name"] == stage]
         if not named:
             raise KeyError(f"{job.dir / 'results.json'}: no stage {stage!r} (has {[s['name'] for s in stages]})")
+        if named[-1]["metrics"].get("accuracy") is None:
+            metric = named[-1]["metrics"].get("metric")
+            raise KeyError(f"{job.dir / 'results.json'}: stage {stage!r} reports no accuracy (its metric: {metric})")
         return named[-1]["metrics"]
-    evaluated = [s for s in stages if "accuracy" in s["metrics"]]
+    evaluated = [s for s in stages if s["metrics"].get("accuracy") is not None]
     if not evaluated:
         raise KeyError(f"{job.dir / 'results.json'}: no stage reports accuracy")
     return evaluated[-1]["metrics"]

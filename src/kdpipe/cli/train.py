@@ -38,7 +38,7 @@ def train(cfg: DictConfig) -> PipelineRun:
 def final_metric(payload: dict, name: str) -> float | None:
     """The named metric of the last stage that reported it (what a sweeper optimises)."""
     for stage in reversed(payload["stages"]):
-        if name in stage["metrics"]:
+        if stage["metrics"].get(name) is not None:
             return float(stage["metrics"][name])
     return None
 

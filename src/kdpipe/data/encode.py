@@ -37,6 +37,17 @@ def prompt_messages(example: dict, system_prompt: str | None = None) -> list[dic
     return [*system, {"role": "user", "content": example["prompt"]}]
 
 
+def reference_reply(example: dict, style: str | None) -> str | None:
+    """The reference reply an evaluation in ``style`` compares with: ``responses[style]``, else a chat
+    record's last assistant turn; None if the example has neither."""
+    responses = example.get("responses") or {}
+    if style is not None and style in responses:
+        return responses[style]
+    if "messages" in example:
+        return next(m["content"] for m in reversed(example["messages"]) if m["role"] == "assistant")
+    return None
+
+
 def to_messages(example: dict, style: str, system_prompt: str | None = None) -> list[dict]:
     """The chat messages of an example for one response style.
 

@@ -224,6 +224,40 @@ def load_examples(cfg: DictConfig, split: str) -> list[dict]:
     return load_split(cfg, split).examples
 
 
+def describe_data(cfg: DictConfig, split: str) -> str:
+    """Where a split comes from, in words: ``the built-in task (arith) split 'test'``, ``data.files.test (x.jsonl)``."""
+    source = str(cfg.get("source"))
+    if source == "arith":
+        return f"the built-in task (arith) split {split!r}"
+    files = cfg.get("files") or {}
+    if files.get(split) is not None:
+        return f"data.files.{split} ({files[split]})"
+    return f"data.path {cfg.get('path')} split {split_name(cfg, split)!r} (data.source={source})"
+
+
+def examples_fingerprint(examples: list[dict]) -> str:
+    """A short hash of a split's examples (ids and content): two evaluations on equal data share it."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def data_identity(cfg: DictConfig, split: str, examples: list[dict]) -> dict:
+    """What an evaluation scored: the source, its files (or path, or the built-in task's seed), the split, the
+    number of examples and their fingerprint."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    identity: dict = {"source": plain.get("source"), "split": split, "described": describe_data(cfg, split)}
+    if plain.get("source") == "arith":
+        identity.update({k: plain.get(k) for k in ("seed", "levels", "max_value", f"n_{split}_per_level")})
+    if (plain.get("files") or {}).get(split) is not None:
+        identity["file"] = str(Path(str(plain["files"][split])).expanduser().resolve())
+    if plain.get("path") is not None:
+        identity.update(path=str(plain["path"]), dataset_split=split_name(cfg, split))
+    identity.update(num_examples=len(examples), fingerprint=examples_fingerprint(examples))
+    return identity
+
+
 def subset_by_id(examples: list[dict], fraction: float) -> list[dict]:
     """The examples whose id hashes below ``fraction``: about that share, the same for every run, and
     nested (a smaller fraction's subset lies inside a larger one's), so data-scale studies compare like

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdpipe.data.encode import prompt_messages
+from kdpipe.data.encode import prompt_messages, reference_reply
 from kdpipe.data.rollouts import (
     MANIFEST,
     ROLLOUT_VERSION,
@@ -22,7 +22,7 @@ from kdpipe.data.rollouts import (
     rollout_id,
 )
 from kdpipe.eval.generate import generate_responses
-from kdpipe.eval.metrics import is_correct
+from kdpipe.eval.metrics import AnswerMatch, Metric
 from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json
 
 
@@ -33,8 +33,11 @@ def sample_part(
     settings: RolloutSettings,
     part_index: int,
     system_prompt: str | None,
+    metric: Metric | None = None,
 ) -> list[dict]:
-    """The records of one part: ``n_samples`` responses to each prompt, sampled with the part's seed."""
+    """The records of one part: ``n_samples`` responses to each prompt, sampled with the part's seed;
+    ``correct`` as ``metric`` scores them (default: the built-in task's ``Answer: N``; None: no reference)."""
+    metric = metric or AnswerMatch("answer_colon")
     conversations = [prompt_messages(ex, system_prompt) for ex in prompts for _ in range(settings.n_samples)]
     torch.manual_seed(settings.seed * 1_000_003 + part_index)  # per part: a resumed part samples the same
     greedy = settings.temperature == 0
@@ -60,10 +63,15 @@ def sample_part(
             responses={settings.style: generation.text},
             num_tokens=generation.num_tokens,
             finished=generation.finished,
-            correct=is_correct(prompt, generation.text) if prompt.get("answer") is not None else None,
+            correct=_correct(metric, generation.text, prompt, settings.style),
         )
         records.append(record)
     return records
+
+
+def _correct(metric: Metric, text: str, prompt: dict, style: str) -> bool | None:
+    score = metric(text, {**prompt, "reference": reference_reply(prompt, style)})
+    return None if score is None else score >= 1.0
 
 
 def write_rollouts(
@@ -74,6 +82,7 @@ def write_rollouts(
     settings: RolloutSettings,
     system_prompt: str | None = None,
     info: dict | None = None,
+    metric: Metric | None = None,
 ) -> dict:
     """Sample every part not yet on disk, then write the manifest; returns the manifest.
 
@@ -89,7 +98,7 @@ def write_rollouts(
         if path.exists():
             continue
         chunk = prompts[index * settings.part_size : (index + 1) * settings.part_size]
-        records = sample_part(model, tokenizer, chunk, settings, index, system_prompt)
+        records = sample_part(model, tokenizer, chunk, settings, index, system_prompt, metric)
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     records = [r for index in range(num_parts) for r in read_part(part_path(root, index))]
     manifest = {

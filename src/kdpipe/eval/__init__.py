@@ -1,7 +1,15 @@
-"""Generation-based evaluation shared by the ``eval`` stage, SFT/KD stages and ``kdpipe-eval``."""
+"""Evaluation shared by the ``eval`` stage, SFT/KD stages and ``kdpipe-eval``: generation, metrics, scoring."""
 
-from kdpipe.eval.evaluate import evaluate_model
+from kdpipe.eval.evaluate import evaluate_model, score_predictions, with_references
 from kdpipe.eval.generate import generate_responses
-from kdpipe.eval.metrics import is_correct, summarize
+from kdpipe.eval.metrics import Metric, build_metric, coverage
 
-__all__ = ["evaluate_model", "generate_responses", "is_correct", "summarize"]
+__all__ = [
+    "Metric",
+    "build_metric",
+    "coverage",
+    "evaluate_model",
+    "generate_responses",
+    "score_predictions",
+    "with_references",
+]

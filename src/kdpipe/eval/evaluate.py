@@ -1,4 +1,4 @@
-"""Evaluate a model on a split: generation accuracy, response length and teacher-forced loss."""
+"""Evaluate a model on a split: its replies scored by a metric, response length, teacher-forced loss."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpipe.data.collate import Collator
-from kdpipe.data.encode import encode_example, prompt_messages
+from kdpipe.data.encode import encode_example, prompt_messages, reference_reply
 from kdpipe.eval.generate import generate_responses
-from kdpipe.eval.metrics import is_correct, summarize
+from kdpipe.eval.metrics import Metric, perplexity, records, score_replies, summarize
 from kdpipe.losses import token_cross_entropy
 
 
@@ -48,11 +48,26 @@ def label_loss(
     return total / max(count, 1)
 
 
+def with_references(examples: list[dict], style: str | None) -> list[dict]:
+    """The examples, each with its ``reference`` reply for ``style`` (what the metrics compare with)."""
+    return [{**ex, "reference": reference_reply(ex, style)} for ex in examples]
+
+
+def score_predictions(metric: Metric, examples: list[dict], replies: list[str]) -> tuple[dict, list[dict]]:
+    """Score replies produced elsewhere (``kdpipe-eval predictions=``) as :func:`evaluate_model` scores its own;
+    ``examples`` carry their ``reference`` (:func:`with_references`)."""
+    scored = score_replies(metric, examples, replies)
+    summary = summarize(metric, examples, scored)
+    summary["mean_response_chars"] = sum(len(r) for r in replies) / len(replies) if replies else None
+    return summary, records(examples, replies, scored)
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[dict],
     *,
+    metric: Metric,
     style: str | None = None,
     system_prompt: str | None = None,
     batch_size: int = 64,
@@ -60,38 +75,33 @@ def evaluate_model(
     description: str = "evaluating",
     show_progress: bool = True,
 ) -> tuple[dict, list[dict]]:
-    """Greedy-generate an answer for every example and score it.
+    """Greedy-generate a reply for every example and score it with ``metric``; the teacher-forced loss.
 
     ``system_prompt`` asks for a response style (e.g. the ``fast`` style's guidance); ``style`` names the
-    reference responses the teacher-forced ``loss`` is computed on. Returns the metrics (``accuracy``,
-    ``accuracy_by_level``, ``mean_response_tokens``, ``loss`` on the ``style`` responses when given, ...)
-    and one record per example (id, level, response, correct).
+    reference replies the metric compares with and the ``loss`` is computed on. A metric that does not
+    generate (``loss``) skips generation. Returns the metrics (``metric``, ``accuracy``, ``accuracy_by_level``,
+    ``coverage``, ``mean_response_tokens``, ``loss``, ``perplexity``, ...) and one record per example.
     """
     started = time.perf_counter()
-    generations = generate_responses(
-        model,
-        tokenizer,
-        [prompt_messages(ex, system_prompt) for ex in examples],
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        show_progress=show_progress,
-        description=description,
-    )
-    metrics = summarize(examples, generations)
+    examples = with_references(examples, style)
+    metrics, rows = {"metric": metric.name, "num_examples": len(examples)}, []
+    if metric.generates:
+        generations = generate_responses(
+            model,
+            tokenizer,
+            [prompt_messages(ex, system_prompt) for ex in examples],
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            show_progress=show_progress,
+            description=description,
+        )
+        replies = [g.text for g in generations]
+        scored = score_replies(metric, examples, replies)
+        metrics = summarize(metric, examples, scored, generations)
+        rows = records(examples, replies, scored, generations)
     if style is not None:
         metrics["loss"] = label_loss(model, tokenizer, examples, style, batch_size, system_prompt)
+        metrics["perplexity"] = perplexity(metrics["loss"])
         metrics["eval_style"] = style
     metrics["eval_seconds"] = time.perf_counter() - started
-    records = [
-        {
-            "id": ex["id"],
-            "level": ex.get("level"),
-            "prompt": ex.get("prompt"),
-            "answer": ex.get("answer"),
-            "response": g.text,
-            "num_tokens": g.num_tokens,
-            "correct": is_correct(ex, g.text),
-        }
-        for ex, g in zip(examples, generations)
-    ]
-    return metrics, records
+    return metrics, rows

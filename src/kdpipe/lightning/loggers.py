@@ -1,44 +1,113 @@
-"""The stage's loggers from the ``logger`` config group (one wandb run per stage, grouped by run), and teardown."""
+"""The stage's loggers from the ``logger`` config group (one wandb run per stage, grouped by run), what they
+record (the stage's config, its metrics under ``stage/``, its evaluation under ``eval/``, a sample of its
+generations), and teardown."""
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
+import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from kdpipe.utils.dist import is_rank_zero, rank_zero_console
+from kdpipe.utils.io import atomic_write_text
+
+console = rank_zero_console()
+
+GENERATIONS_SAMPLE = 32  # rows of generations.jsonl a logger gets unless its `generations_sample` says otherwise
+OWN_KEYS = ("generations_sample", "quiet")  # kdpipe's keys in a logger's config: not the logger's arguments
+QUIET_WANDB = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}  # `quiet: true`: no wandb output, no capture
+WANDB_ENV = ("WANDB_MODE", *QUIET_WANDB)  # what a wandb stage may set, and finish_loggers puts back
+
+
+def is_wandb(logger) -> bool:
+    """Whether ``logger`` is Lightning's ``WandbLogger`` (checked by name: wandb is slow to import)."""
+    return type(logger).__name__ == "WandbLogger"
+
+
+def logger_kwargs(wandb: bool, name: str, run_dir: Path, stage_dir: Path, stage_name: str) -> dict:
+    """Where logger ``name`` writes: wandb runs under the run dir (named, grouped and id'd by the pipeline run),
+    the others under ``<stage>/logs/<name>``."""
+    if not wandb:
+        return {"save_dir": str(stage_dir), "name": "logs", "version": name}
+    # multirun jobs are numbered folders: name runs by their last two path parts, id them by the full path
+    run_name = "/".join(run_dir.parts[-2:]) if run_dir.name.isdigit() else run_dir.name
+    run_id = hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]
+    return {
+        "save_dir": str(run_dir),
+        "name": f"{run_name}/{stage_name}",
+        "group": run_name,
+        "id": f"{run_id}-{stage_name}",  # stable: a resumed stage continues its wandb run (online; see docs)
+        "resume": "allow",
+    }
 
 
 def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, stage_dir: Path, stage_name: str) -> list:
     """Instantiate the configured loggers for one stage (``stage_name``: its folder name, e.g. ``03_kd_fast``)."""
     loggers = []
-    # multirun jobs are numbered folders: name runs by their last two path parts, id them by the full path
-    run_name = "/".join(run_dir.parts[-2:]) if run_dir.name.isdigit() else run_dir.name
-    run_id = hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]
     for name, cfg in (logger_cfg or {}).items():
         if cfg is None or "_target_" not in cfg:
             continue
+        own = {key: cfg[key] for key in OWN_KEYS if key in cfg}
+        cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key not in OWN_KEYS])
         factory = hydra.utils.instantiate(cfg, _partial_=True)
         wandb = "Wandb" in str(cfg._target_)
-        if wandb:
-            kwargs = {
-                "save_dir": str(run_dir),
-                "name": f"{run_name}/{stage_name}",
-                "group": run_name,
-                "id": f"{run_id}-{stage_name}",  # stable: a resumed stage continues its wandb run
-                "resume": "allow",
-            }
-        else:
-            kwargs = {"save_dir": str(stage_dir), "name": "logs", "version": name}
+        kwargs = logger_kwargs(wandb, name, run_dir, stage_dir, stage_name)
         accepted = inspect.signature(factory.func).parameters
         has_var_kw = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
         logger = factory(**{k: v for k, v in kwargs.items() if k in accepted or has_var_kw})
-        if wandb:  # what finish_loggers puts back (see there)
-            logger.kdpipe_prior_wandb_mode = os.environ.get("WANDB_MODE")
+        logger.kdpipe_generations_sample = int(own.get("generations_sample", GENERATIONS_SAMPLE))
+        if wandb:
+            prepare_wandb(logger, quiet=bool(own.get("quiet", True)))
         loggers.append(logger)
     return loggers
+
+
+def prepare_wandb(logger, quiet: bool) -> None:
+    """Remember the ``WANDB_*`` variables a wandb stage may change (finish_loggers puts them back) and, when
+    ``quiet``, silence wandb for the stage (``WANDB_SILENT``, ``WANDB_CONSOLE``; ones you set yourself win)."""
+    # Lightning passes wandb.init `anonymous=None`, a deprecated setting wandb warns about, even when silent
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    logger.kdpipe_prior_env = {key: os.environ.get(key) for key in WANDB_ENV}
+    if quiet:
+        for key, value in QUIET_WANDB.items():
+            os.environ.setdefault(key, value)
+
+
+@contextmanager
+def stage_loggers(logger_cfg: DictConfig | None, run_dir: Path, stage_dir: Path, stage_name: str) -> Iterator[list]:
+    """The loggers of a stage that runs no Trainer (eval, score, rollout), on global rank 0 only; finished
+    when the block ends (as failed if it raised)."""
+    loggers = make_loggers(logger_cfg, run_dir, stage_dir, stage_name) if is_rank_zero() else []
+    status = "failed"
+    try:
+        yield loggers
+        status = "success"
+    finally:
+        finish_loggers(loggers, status)
+
+
+def sweep_job() -> dict:
+    """``{"sweep": {"overrides", "job_num"}}`` when a Hydra multirun started this job (its overrides:
+    ``hydra.overrides.task``), else ``{}``: a single run, or ``train(cfg)`` called where no HydraConfig is set
+    (a notebook, a test)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.get("mode") != RunMode.MULTIRUN:
+        return {}
+    return {"sweep": {"overrides": list(hydra_cfg.overrides.task), "job_num": int(hydra_cfg.job.num)}}
 
 
 def log_config(loggers: list, config: dict) -> None:
@@ -58,30 +127,116 @@ def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def log_results(loggers: list, metrics: dict, step: int) -> None:
-    """What it scored: the stage's final metrics (evaluation included) under ``stage/``, at its last step."""
-    numbers = flat_numbers(metrics, "stage/")
+def log_results(
+    loggers: list, metrics: dict, step: int, evaluation: dict | None = None, generations: Path | None = None
+) -> None:
+    """What it scored, at the stage's last step: the evaluation's numbers under ``eval/`` (a None, such as an
+    inapplicable accuracy, is left out) and its strings (``metric``, ``eval_split``...) as hyperparameters under
+    ``eval``; the stage's other metrics under ``stage/``; a sample of ``generations`` (see
+    :func:`log_generations`)."""
+    evaluation = evaluation or {}
+    rest = {key: value for key, value in metrics.items() if key not in evaluation}
+    described = {"eval_data"}  # what was scored (source, file, split, fingerprint): config, not a metric
+    scores = {key: value for key, value in evaluation.items() if key not in described}
+    numbers = {**flat_numbers(rest, "stage/"), **flat_numbers(scores, "eval/")}
+    strings = {key: value for key, value in evaluation.items() if isinstance(value, str) or key in described}
     for logger in loggers:
+        if strings:
+            logger.log_hyperparams({"eval": strings})
         logger.log_metrics(numbers, step=step)
+    if generations is not None:
+        log_generations(loggers, generations, step)
+
+
+def sample_generations(path: Path, limit: int) -> tuple[list[str], list[list[str]]]:
+    """The first ``limit`` records of a ``generations.jsonl``: its columns (every key of any of them, in order of
+    first appearance) and one row of strings per record (a missing key or a None: ``""``)."""
+    with Path(path).open() as lines:
+        records = [json.loads(line) for line in itertools.islice(lines, limit) if line.strip()]
+    columns = list(dict.fromkeys(key for record in records for key in record))
+
+    def cell(value) -> str:
+        return "" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+    return columns, [[cell(record.get(column)) for column in columns] for record in records]
+
+
+def log_generations(loggers: list, path: Path, step: int) -> None:
+    """The first ``generations_sample`` generations of the evaluation, per logger: a ``wandb.Table`` at
+    ``eval/generations`` for wandb; ``<logger dir>/generations_sample.jsonl`` for the others that have a folder
+    (csv, tensorboard), and for tensorboard also a text summary at ``eval/generations``."""
+    if not Path(path).exists() or not is_rank_zero():
+        return
+    for logger in loggers:
+        limit = getattr(logger, "kdpipe_generations_sample", GENERATIONS_SAMPLE)
+        if limit <= 0:
+            continue
+        columns, rows = sample_generations(path, limit)
+        if is_wandb(logger):
+            logger.log_table(key="eval/generations", columns=columns, data=rows, step=step)
+        elif getattr(logger, "log_dir", None):
+            lines = [json.dumps(dict(zip(columns, row))) for row in rows]
+            atomic_write_text(Path(logger.log_dir) / "generations_sample.jsonl", "".join(f"{x}\n" for x in lines))
+            if type(logger).__name__ == "TensorBoardLogger":  # one record a line, as a markdown code block
+                logger.experiment.add_text("eval/generations", "".join(f"    {x}\n" for x in lines), step)
+
+
+def write_offline_files(run) -> None:
+    """An offline wandb run keeps only its transaction log (``run-<id>.wandb``); an online one also leaves
+    ``files/config.yaml`` and ``files/wandb-summary.json``. Write both (in wandb's layouts), so an offline run's
+    config and summary can be read without syncing it (what ``wandb sync`` uploads comes from the log)."""
+    files = Path(run.settings.files_dir)
+    config = {key: {"value": value} for key, value in run.config.as_dict().items()}
+    atomic_write_text(files / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    summary = run.summary._as_dict()  # plain values (the public mapping wraps nested dicts in its own type)
+    atomic_write_text(files / "wandb-summary.json", json.dumps(summary, default=str) + "\n")
+
+
+def where_wandb_logged(run) -> str | None:
+    """The one line a wandb stage prints: the offline run's folder and how to upload it (every folder of the
+    run's id: a resumed stage leaves one per attempt), or the online run's page; None for a disabled run."""
+    if getattr(run, "disabled", False) or run.settings.mode == "disabled":
+        return None
+    if not run.offline:
+        return f"wandb: run {run.url}"
+    folder = Path(run.settings.sync_dir)
+    attempts = sorted(folder.parent.glob(f"offline-run-*-{run.id}"))
+    target = folder if len(attempts) <= 1 else folder.parent / f"offline-run-*-{run.id}"
+    resumed = f" ({len(attempts)} folders of this run: a resumed stage)" if len(attempts) > 1 else ""
+    return f"wandb: offline run in {folder}{resumed}; upload it with: wandb sync {target}"
+
+
+def finish_wandb(logger) -> None:
+    """Finish the stage's wandb run (after writing an offline run's config and summary files), put the
+    ``WANDB_*`` variables back as the stage found them, tear wandb down, and print where the run is."""
+    import wandb  # only when a wandb logger exists: wandb is slow to import
+
+    run = wandb.run
+    line = None if run is None else where_wandb_logged(run)
+    try:
+        if line is not None and run.offline:
+            write_offline_files(run)
+    finally:  # the run is finished and the variables put back even if the files could not be written
+        wandb.finish()
+        for key, prior in getattr(logger, "kdpipe_prior_env", {}).items():
+            if prior is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = prior
+        wandb.teardown()
+    if line:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 def finish_loggers(loggers: list, status: str = "success") -> None:
     """Close every logger; wandb runs are finished so the next stage (or multirun job) starts its own.
 
-    ``WandbLogger(offline=True)`` sets ``WANDB_MODE`` for the rest of the process, and wandb keeps the settings
-    of its first run in a process-wide singleton: under Hydra's basic launcher every multirun job runs in the
-    same process, so a later stage or job would silently get the first one's mode. The stage puts
-    ``WANDB_MODE`` back as it found it and tears wandb down, so the next run reads its own settings afresh."""
+    ``WandbLogger(offline=True)`` sets ``WANDB_MODE`` for the rest of the process (and ``quiet`` sets
+    ``WANDB_SILENT`` and ``WANDB_CONSOLE``), and wandb keeps the settings of its first run in a process-wide
+    singleton: under Hydra's basic launcher every multirun job runs in the same process, so a later stage or
+    job would silently get the first one's mode. The stage puts those variables back as it found them and tears
+    wandb down, so the next run reads its own settings afresh."""
     for logger in loggers:
         logger.finalize(status)
-        if type(logger).__name__ == "WandbLogger":
-            import wandb  # only when a wandb logger exists: wandb is slow to import
-
-            wandb.finish()
-            if hasattr(logger, "kdpipe_prior_wandb_mode"):
-                prior = logger.kdpipe_prior_wandb_mode
-                if prior is None:
-                    os.environ.pop("WANDB_MODE", None)
-                else:
-                    os.environ["WANDB_MODE"] = prior
-            wandb.teardown()
+        if is_wandb(logger):
+            finish_wandb(logger)

@@ -1,8 +1,9 @@
 """Checks a pipeline passes before any stage runs (beyond the stage specs themselves): teacher and student
-share one vocabulary, and the trainer's device can be used here."""
+share one vocabulary, the trainer's device can be used here, every evaluation's metric applies to its data."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,9 +13,13 @@ from transformers import PreTrainedTokenizerBase
 
 from kdpipe.data.scorers import needs_store
 from kdpipe.errors import PipelineConfigError
+from kdpipe.eval.plan import MetricNotApplicable, plan_evaluation
 from kdpipe.models.factory import build_tokenizer
 from kdpipe.models.vocab import vocabulary_differences
 from kdpipe.pipeline.spec import StageSpec
+from kdpipe.utils.dist import rank_zero_console
+
+console = rank_zero_console()
 
 
 def teacher_student_pairs(specs: Sequence[StageSpec]) -> list[tuple[str, str]]:
@@ -49,3 +54,70 @@ def check_shared_vocabulary(cfg: DictConfig, specs: Sequence[StageSpec]) -> None
                 f"tokenizers differ: {'; '.join(problems)}. Teacher and student must share one vocabulary "
                 f"(same tokens and ids), chat template and special tokens."
             )
+
+
+EVALUATING_KINDS = ("sft", "kd", "eval")
+
+
+def eval_style(settings: DictConfig) -> str:
+    """The style a stage evaluates in: ``eval.style``, else its (first) ``style``."""
+    style = settings.get("style")
+    first = style if isinstance(style, str) else (list(style or []) or ["reasoning"])[0]
+    return str(settings.eval.get("style") or first)
+
+
+def check_evaluations(cfg: DictConfig, specs: Sequence[StageSpec]) -> dict[str, str]:
+    """Every evaluating stage's metric applies to the data it scores, or :class:`PipelineConfigError` names the
+    stage, the metric and the data. Returns each such stage's resolved metric name (e.g. ``loss`` for an
+    ``auto`` that found no reference answers); prints what is worth knowing (a fallback, left-out examples)."""
+    resolved: dict[str, str] = {}
+    notes: set[str] = set()
+    for spec in specs:
+        settings = spec.config
+        if spec.kind not in EVALUATING_KINDS or not settings.get("eval") or not settings.eval.get("enabled", True):
+            continue
+        if str(settings.eval.get("backend") or "kdpipe") == "lm_eval":
+            check_lm_eval(spec.name, settings.eval)
+            resolved[spec.name] = "lm_eval"
+            continue
+        try:
+            plan = plan_evaluation(cfg.data, settings.eval, eval_style(settings))
+        except MetricNotApplicable as err:
+            raise PipelineConfigError(f"stage {spec.name!r}: {err}") from err
+        resolved[spec.name] = plan.metric.name
+        if plan.note and plan.note not in notes:
+            notes.add(plan.note)
+            console.print(f"[yellow]{plan.note}")
+    return resolved
+
+
+def check_lm_eval(stage: str, eval_cfg: DictConfig) -> None:
+    """``eval.backend=lm_eval`` needs lm-evaluation-harness installed and task names, checked before training."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise PipelineConfigError(
+            f"stage {stage!r}: eval.backend=lm_eval needs lm-evaluation-harness: pip install 'kdpipe[eval]'"
+        )
+    if not eval_cfg.get("tasks"):
+        raise PipelineConfigError(f"stage {stage!r}: eval.backend=lm_eval needs eval.tasks, e.g. '[gsm8k]'")
+
+
+def check_optimized_metric(cfg: DictConfig, metrics: dict[str, str]) -> None:
+    """A sweep optimises ``optimized_metric``: refuse it at start when no stage can report it (``accuracy``
+    with only loss-evaluated stages), rather than hand the sweeper None for every trial."""
+    name = str(cfg.get("optimized_metric") or "accuracy")
+    if not name.startswith("accuracy") or not in_sweep():
+        return
+    if not any(m not in ("loss", "lm_eval") for m in metrics.values()):
+        raise PipelineConfigError(
+            f"optimized_metric={name}: no stage of this pipeline scores replies (their evaluations: "
+            f"{metrics or 'none'}); optimise `loss` (optimized_metric=loss) or choose an eval.metric that applies"
+        )
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a Hydra multirun job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"

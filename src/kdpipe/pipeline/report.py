@@ -32,24 +32,43 @@ def _fmt(value, pct: bool = False, digits: int = 3) -> str:
     return f"{100 * value:.1f}" if pct else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+BUILT_IN_METRIC = "answer_match(answer_colon)"
+
+
+def _evaluated(payload: dict) -> list[dict]:
+    return [s for s in payload["stages"] if "accuracy" in s["metrics"] or "metric" in s["metrics"]]
+
+
+def _accuracy(m: dict) -> str:
+    """The accuracy cell: a percentage, or why there is none (``n/a: loss only``, ``n/a: no reference``)."""
+    if m.get("accuracy") is not None:
+        return _fmt(m["accuracy"], pct=True)
+    return {"loss": "n/a: loss only", "lm_eval": "n/a: lm_eval"}.get(m.get("metric"), "n/a: no reference")
+
+
 def table_rows(payload: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the results table: one row per stage that was evaluated."""
-    stages = [s for s in payload["stages"] if "accuracy" in s["metrics"]]
+    """Header and rows of the results table: one row per stage that was evaluated (a ``metric`` column when a
+    stage was scored otherwise than the built-in task's ``Answer: N``)."""
+    stages = _evaluated(payload)
     levels = _levels(stages)
-    header = ["#", "stage", "kind", "model", "acc %", *[f"L{lvl} %" for lvl in levels], "resp tok", "loss", "train s"]
+    show_metric = any(s["metrics"].get("metric", BUILT_IN_METRIC) != BUILT_IN_METRIC for s in stages)
+    header = ["#", "stage", "kind", "model", *(["metric"] if show_metric else []), "acc %"]
+    header += [*[f"L{lvl} %" for lvl in levels], "resp tok", "loss", "train s"]
     rows = []
     for s in stages:
         m = s["metrics"]
         by_level = m.get("accuracy_by_level") or {}
+        tokens = m.get("mean_response_tokens")
         rows.append(
             [
                 s["dir"].split("_", 1)[0],
                 s["name"],
                 s["kind"],
                 s["model"],
-                _fmt(m["accuracy"], pct=True),
+                *([str(m.get("metric", BUILT_IN_METRIC))] if show_metric else []),
+                _accuracy(m),
                 *[_fmt(by_level.get(lvl), pct=True) for lvl in levels],
-                f"{m.get('mean_response_tokens', 0):.1f}",
+                "-" if tokens is None else f"{tokens:.1f}",
                 _fmt(m.get("loss")),
                 f"{m['train_seconds']:.0f}" if "train_seconds" in m else "-",
             ]
@@ -59,7 +78,7 @@ def table_rows(payload: dict) -> tuple[list[str], list[list[str]]]:
 
 def plot_accuracy(payload: dict, path: Path) -> bool:
     """Grouped bars: accuracy per level (and overall) for each evaluated stage. False if nothing to plot."""
-    stages = [s for s in payload["stages"] if "accuracy" in s["metrics"]]
+    stages = [s for s in payload["stages"] if s["metrics"].get("accuracy") is not None]
     if not stages:
         return False
     import matplotlib

@@ -12,7 +12,7 @@ from rich.console import Console
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.launch import distributed_job
 from kdpipe.lightning.trainer import check_trainer_device
-from kdpipe.pipeline.checks import check_shared_vocabulary
+from kdpipe.pipeline.checks import check_evaluations, check_optimized_metric, check_shared_vocabulary
 from kdpipe.pipeline.report import table_rows, write_results
 from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.sharing import find_shared, publish_shared, shared_dir
@@ -73,6 +73,7 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, list[StageSpec]]:
     specs = resolve_stages(cfg, set(STAGE_KINDS))
     check_shared_vocabulary(cfg, specs)  # teacher and student tokenizers only: cheap, and before any stage
     check_trainer_device(cfg.trainer)  # e.g. trainer=npu without torch_npu or CANN: say what to install or source
+    check_optimized_metric(cfg, check_evaluations(cfg, specs))  # a metric without references: refused now
     return cfg, run_dir, specs
 
 

@@ -74,6 +74,8 @@ def _unknown_keys(spec: DictConfig, defaults: DictConfig, prefix: str, skip=()) 
             continue
         if key not in defaults:
             bad.append(f"{prefix}{key}{_suggest(str(key), defaults.keys())}")
+        elif OmegaConf.is_interpolation(defaults, key):
+            continue  # e.g. `metric: ${eval.metric}`: whatever the top-level key may hold
         elif isinstance(spec[key], DictConfig) and isinstance(defaults[key], DictConfig):
             if "_target_" in spec[key] and spec[key]._target_ != defaults[key].get("_target_"):
                 continue  # a different class: its own keys

@@ -298,11 +298,18 @@ def test_generation_runs_on_the_accelerator_device(npu, tiny_cfg, tmp_path, toke
     model.save_pretrained(export)
     tokenizer.save_pretrained(export)
     eval_cfg = compose_cfg(
-        [f"model_path={export}", "device=npu:1", "limit=3", "max_new_tokens=4", f"output={tmp_path / 'e.json'}"],
+        [
+            f"model_path={export}",
+            "data=arith",
+            "device=npu:1",
+            "limit=3",
+            "max_new_tokens=4",
+            f"output={tmp_path / 'e.json'}",
+        ],
         config_name="eval",
     )
     asked = len(npu.devices)
-    assert evaluate(eval_cfg)["num_examples"] == 3 and npu.devices[asked:] == [1]
+    assert evaluate(eval_cfg)["metrics"]["num_examples"] == 3 and npu.devices[asked:] == [1]
     # without the NPU trainer, generation stays where it was
     assert inference_device(compose_cfg(["trainer=cpu"]).trainer) == torch.device("cpu")
 

@@ -18,6 +18,7 @@ GROUP_OVERRIDE = {
     "model": "model@models.student",
     "stage": "+stage@pipeline.stages.probe",  # a stage kind's defaults, as a new entry of the stage library
     "hydra": None,  # Hydra's own settings, composed by every run
+    "eval/metric": "+eval/metric@eval.metric",  # named by eval.metric=<name>; composable whole as well
 }
 
 

@@ -7,7 +7,7 @@ import torch
 from kdpipe.data.arith import generate_split
 from kdpipe.data.encode import prompt_messages
 from kdpipe.eval.generate import Generation, generate_responses
-from kdpipe.eval.metrics import summarize
+from kdpipe.eval.metrics import AnswerMatch, score_replies, summarize
 from tests.helpers import tiny_llama
 
 
@@ -50,7 +50,9 @@ def test_summarize_counts_accuracy_per_level_and_length():
         Generation("Answer: 5", 4, True),
         Generation("Answer: 1", 6, False),
     ]
-    m = summarize(examples, gens)
+    metric = AnswerMatch("answer_colon")
+    m = summarize(metric, examples, score_replies(metric, examples, [g.text for g in gens]), gens)
+    assert m["metric"] == "answer_match(answer_colon)" and m["coverage"] == 1.0
     assert m["accuracy"] == 1 / 3
     assert m["accuracy_by_level"] == {"1": 0.5, "2": 0.0}
     assert m["mean_response_tokens"] == 20 / 3

@@ -8,6 +8,7 @@ from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.pipeline.stages.eval import run_eval
 from kdpipe.pipeline.stages.kd import run_kd
+from kdpipe.pipeline.stages.logged import with_loggers
 from kdpipe.pipeline.stages.rollout import run_rollout
 from kdpipe.pipeline.stages.score import run_score
 from kdpipe.pipeline.stages.sft import run_sft
@@ -15,8 +16,8 @@ from kdpipe.pipeline.stages.sft import run_sft
 STAGE_KINDS: dict[str, Callable[[StageContext], StageResult]] = {
     "sft": run_sft,
     "kd": run_kd,
-    "score": run_score,
-    "rollout": run_rollout,
+    "score": with_loggers(run_score),
+    "rollout": with_loggers(run_rollout),
     "eval": run_eval,
 }
 # kinds that run no Lightning Trainer: rank 0 runs them and hands the other ranks its result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -12,12 +13,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.datamodule import PostTrainDataModule
-from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.scorers import needs_model, needs_store, scorer_config
-from kdpipe.data.sources import load_examples
 from kdpipe.errors import PipelineConfigError
 from kdpipe.eval import evaluate_model
-from kdpipe.lightning.loggers import finish_loggers, log_config, log_results, make_loggers
+from kdpipe.eval.plan import EvalPlan, plan_evaluation
+from kdpipe.lightning.loggers import finish_loggers, log_config, log_results, make_loggers, sweep_job
 from kdpipe.lightning.precision import resolve_precision
 from kdpipe.lightning.strategy import shards_weights
 from kdpipe.lightning.trainer import inference_device, instantiate_trainer
@@ -47,27 +47,56 @@ def optimizer_parts(settings: DictConfig) -> dict:
     }
 
 
-def evaluate_stage(ctx: StageContext, model, tokenizer) -> dict:
-    """Generation-based evaluation on ``settings.eval.split``, prompted in ``eval.style`` (default: the
-    stage's first style); writes ``generations.jsonl``."""
+def stage_plan(ctx: StageContext) -> EvalPlan:
+    """The stage's evaluation: ``settings.eval`` on the run's data, in ``eval.style`` (default: the first style)."""
+    return plan_evaluation(ctx.cfg.data, ctx.settings.eval, str(ctx.settings.eval.get("style") or ctx.styles[0]))
+
+
+def evaluate_stage(ctx: StageContext, model, tokenizer, model_dir: Path | None = None) -> dict:
+    """Evaluate ``model`` as the stage's ``eval`` block says (its metric, or lm-evaluation-harness tasks on
+    ``model_dir``, its HF export: written to ``<stage>/export`` when None); writes ``generations.jsonl`` (one
+    record per example: prompt, reference, reply, extracted answers, score)."""
     eval_cfg = ctx.settings.eval
-    style = str(eval_cfg.get("style") or ctx.styles[0])
-    examples = load_examples(ctx.cfg.data, str(eval_cfg.split))
-    if eval_cfg.get("limit"):
-        examples = examples[: int(eval_cfg.limit)]
+    if str(eval_cfg.get("backend") or "kdpipe") == "lm_eval":
+        model_dir = model_dir or export_model(model, tokenizer, ctx.stage_dir / "export")
+        return evaluate_with_lm_eval(ctx, eval_cfg, Path(model_dir))
+    plan = stage_plan(ctx)
     model.to(inference_device(ctx.cfg.trainer))
     metrics, records = evaluate_model(
         model,
         tokenizer,
-        examples,
-        style=style,
-        system_prompt=system_prompt_for(ctx.cfg.data, style),
+        plan.examples,
+        metric=plan.metric,
+        style=plan.style,
+        system_prompt=plan.system_prompt,
         batch_size=int(eval_cfg.batch_size),
         max_new_tokens=int(eval_cfg.max_new_tokens),
         description=f"eval {ctx.spec.name}",
     )
-    atomic_write_text(ctx.stage_dir / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    return {**metrics, "eval_split": str(eval_cfg.split)}
+    if records:
+        atomic_write_text(ctx.stage_dir / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return {**metrics, "eval_split": plan.split, "eval_data": plan.data}
+
+
+def evaluate_with_lm_eval(ctx: StageContext, eval_cfg, model_dir: Path) -> dict:
+    """``eval.backend=lm_eval``: lm-evaluation-harness ``eval.tasks`` on the stage's export (the generation
+    lengths are each task's own ``max_gen_toks``; installed and named tasks are checked at pipeline start)."""
+    from kdpipe.eval.lm_eval_backend import run_lm_eval  # optional: kdpipe[eval]
+
+    tasks = [str(t) for t in eval_cfg.tasks]
+    try:
+        found = run_lm_eval(
+            model_dir,
+            tasks,
+            include_path=eval_cfg.get("include_path"),
+            limit=eval_cfg.get("limit"),
+            batch_size=int(eval_cfg.batch_size),
+            device=str(inference_device(ctx.cfg.trainer)),
+            output_dir=ctx.stage_dir / "lm_eval",
+        )
+    except KeyError as err:  # lm-eval: "Spec 'x' is not a registered task/group/tag name or valid YAML path"
+        raise PipelineConfigError(f"stage {ctx.spec.name!r}: eval.tasks={tasks}: {err.args[0]}") from err
+    return {"metric": "lm_eval", **found}
 
 
 def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None, onpolicy=None) -> PostTrainDataModule:
@@ -145,6 +174,7 @@ def run_config(ctx: StageContext) -> dict:
         "trainer": OmegaConf.to_container(ctx.cfg.trainer, resolve=True),
         "run_dir": str(ctx.run_dir),
         "starts_from": None if ctx.start_from is None else str(ctx.start_from),
+        **sweep_job(),  # a multirun job: its overrides and number
     }
 
 
@@ -165,8 +195,9 @@ def stage_precision(ctx: StageContext, model, train_examples: list) -> tuple[str
 
 def export_and_evaluate(
     ctx: StageContext, trainer: L.Trainer, module, tokenizer, datamodule, seconds: float, precision_info: dict
-) -> StageResult:
-    """After ``fit``: the training metrics, then on rank 0 the export and the evaluation of the trained model."""
+) -> tuple[StageResult, dict]:
+    """After ``fit``: the training metrics, then on rank 0 the export and the evaluation of the trained model;
+    returns the stage's result (the evaluation's metrics included) and, apart, the evaluation's dict."""
     settings = ctx.settings
     whole = trained_model(ctx, trainer, module)  # every rank calls it (a gather, for a sharded strategy)
     metrics = {
@@ -186,18 +217,17 @@ def export_and_evaluate(
     # optimizer steps per second of training-step time (this process's steps; validation excluded)
     metrics["steps_per_s"] = metrics["batches_per_s"] / int(settings.accumulate_grad_batches)
 
-    def on_rank_zero() -> StageResult:  # the others wait, then read the export
+    def on_rank_zero() -> tuple[StageResult, dict]:  # the others wait, then read the export
         trainable = count_parameters(whole, trainable_only=True)
         model = merged(whole)  # LoRA: the adapters merged in; the export and the evaluation use this model
         found = {"parameters": count_parameters(model), "trainable_parameters": trainable}
         export = export_model(model, tokenizer, ctx.stage_dir / "export")
-        if settings.eval.enabled:
-            found.update(evaluate_stage(ctx, model, tokenizer))
-        return StageResult(found, export=export)
+        evaluation = evaluate_stage(ctx, model, tokenizer, model_dir=export) if settings.eval.enabled else {}
+        return StageResult({**found, **evaluation}, export=export), evaluation
 
-    result = run_on_rank_zero(on_rank_zero)
+    result, evaluation = run_on_rank_zero(on_rank_zero)
     result.metrics = {**metrics, **result.metrics}
-    return result
+    return result, evaluation
 
 
 def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostTrainDataModule) -> StageResult:
@@ -230,8 +260,9 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
             raise KeyboardInterrupt(f"stage {ctx.spec.dirname} interrupted at step {trainer.global_step}")
         trainer.save_checkpoint(last, weights_only=False)  # full state: weights, optimizer, loops
         seconds = time.perf_counter() - started
-        result = export_and_evaluate(ctx, trainer, module, tokenizer, datamodule, seconds, precision_info)
-        log_results(loggers, result.metrics, trainer.global_step)  # what it scored, beside what it ran
+        result, evaluation = export_and_evaluate(ctx, trainer, module, tokenizer, datamodule, seconds, precision_info)
+        # what it scored, beside what it ran: the evaluation under eval/ (with a sample of its generations)
+        log_results(loggers, result.metrics, trainer.global_step, evaluation, ctx.stage_dir / "generations.jsonl")
         status = "success"
     finally:
         finish_loggers(loggers, status)

@@ -9,6 +9,8 @@ from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.rollouts import RolloutSettings
 from kdpipe.data.sources import load_examples
 from kdpipe.engines.rollouts import write_rollouts
+from kdpipe.eval import with_references
+from kdpipe.eval.metrics import auto_metric
 from kdpipe.lightning.trainer import inference_device
 from kdpipe.models.fingerprint import model_fingerprint
 from kdpipe.pipeline.result import StageResult
@@ -50,6 +52,7 @@ def run_rollout(ctx: StageContext) -> StageResult:
         rollout_settings,
         system_prompt=system_prompt_for(ctx.cfg.data, style),
         info={"model": model_fingerprint(model), "split": str(settings.split)},
+        metric=auto_metric(ctx.cfg.data, with_references(prompts, style)),  # what `correct` means
     )
     samples = max(int(manifest["samples"]), 1)
     metrics = {
