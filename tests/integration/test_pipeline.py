@@ -96,9 +96,10 @@ def test_a_second_run_reuses_the_teacher_store_instead_of_rescoring(tiny_cfg, tm
     assert second["fast_store"]["reused"] and second["reasoning_store"]["reused"]
 
 
-def test_kd_without_a_store_is_refused(tiny_cfg):
-    with pytest.raises(PipelineConfigError, match=r"has no teacher store of its label sequences: put a `score` stage"):
-        train(tiny_cfg("pipeline.order=[kd_fast]"))
+def test_kd_without_a_store_is_refused_before_any_stage(tiny_cfg, tmp_path):
+    with pytest.raises(PipelineConfigError, match=r"reads a teacher store of its label sequences .* `score` stage"):
+        train(tiny_cfg("pipeline.order=[sft_fast,kd_fast]"))
+    assert not (tmp_path / "run" / "01_sft_fast").exists()
 
 
 def test_each_stage_starts_from_the_previous_stage_of_its_model(tiny_cfg, tmp_path):
@@ -274,7 +275,7 @@ def test_student_loss_curriculum_scores_with_the_stage_start_model_and_resumes_e
 
 
 def test_teacher_scorer_without_a_store_is_refused(tiny_cfg):
-    with pytest.raises(PipelineConfigError, match="reads the teacher store"):
+    with pytest.raises(PipelineConfigError, match="its curriculum scorer reads a teacher store"):
         train(
             tiny_cfg("pipeline.order=[sft_reasoning]", "+pipeline.stages.sft_reasoning.curriculum.scorer=teacher_nll")
         )

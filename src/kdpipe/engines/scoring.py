@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from kdpipe.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from kdpipe.modules.scorer import TeacherScorer
 from kdpipe.store import codec
 from kdpipe.store.fingerprint import data_fingerprint
-from kdpipe.store.reader import TeacherStore
+from kdpipe.store.reader import StoreError, TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
 from kdpipe.types import EncodedExample
 from kdpipe.utils.claim import claimed
@@ -52,6 +53,25 @@ def store_path(store_root: str | Path, meta: dict) -> Path:
     return Path(store_root).expanduser().resolve() / f"{data['style']}-{data['split']}-k{meta['k']}-{key}"
 
 
+def reusable(path: Path, verify: str = "full") -> bool | None:
+    """True if a finished, intact store is at ``path``; None if there is none. A broken one (a truncated
+    manifest, a missing or altered shard) is renamed to ``<name>.broken-<time>`` with a ``BROKEN.txt`` saying
+    why, so it is scored again and nothing is lost."""
+    if not (path / MANIFEST).exists():
+        return None
+    try:
+        store = TeacherStore(path)
+        if verify == "full":
+            store.verify_all()
+        return True
+    except (StoreError, OSError, ValueError, KeyError) as err:
+        aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        (aside / "BROKEN.txt").write_text(f"set aside by kdpipe: {err}\n")
+        console.print(f"[yellow]teacher store {path} is broken ({err}): set aside as {aside}, scoring it again")
+        return None
+
+
 def score_teacher(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -68,6 +88,7 @@ def score_teacher(
     precision: str | None = "32-true",
     trainer: DictConfig | dict | None = None,
     on_reuse: Callable[[], None] | None = None,
+    verify: str = "full",
 ) -> Path:
     """Score ``examples`` (encoded in ``style``) with the teacher into a store and return its path; a complete
     store with the same content is reused (``on_reuse`` is called then: also when another job finished it while
@@ -80,6 +101,8 @@ def score_teacher(
             per LM-head chunk (bounds the [positions x vocab] logits).
         precision: the scoring precision (None: the trainer config's).
         trainer: a ``lightning.Trainer`` config (``_target_`` and arguments; default: one device, auto).
+        verify: how an existing store is checked before it is reused (``full``: every shard's sha256; ``size``:
+            its files); a broken one is set aside (:func:`reusable`) and scored again.
     """
     if not 1 <= k <= len(tokenizer):
         raise PipelineConfigError(f"k={k} must be in [1, vocab size {len(tokenizer)}]")
@@ -88,7 +111,7 @@ def score_teacher(
     meta = store_meta(model, tokenizer, examples, style, split, k, temperature)
     path = store_path(store_root, meta)
     # rank 0 decides for all; a concurrent job scoring the same store holds its lock: wait, then reuse it
-    with claimed(path, lambda: True if (path / MANIFEST).exists() else None) as found:
+    with claimed(path, lambda: reusable(path, verify)) as found:
         if found is not None:
             console.print(f"reusing teacher store {path}")
             if on_reuse is not None:

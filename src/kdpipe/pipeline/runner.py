@@ -13,24 +13,44 @@ from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.launch import distributed_job
 from kdpipe.lightning.trainer import check_trainer_device
 from kdpipe.pipeline.checks import check_evaluations, check_optimized_metric, check_shared_vocabulary
+from kdpipe.pipeline.preflight import preflight
 from kdpipe.pipeline.report import table_rows, write_results
 from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.sharing import find_shared, publish_shared, shared_dir
 from kdpipe.pipeline.spec import StageSpec, complete_stages, resolve_stages
 from kdpipe.pipeline.stages import RANK_ZERO_KINDS, STAGE_KINDS, StageContext
 from kdpipe.pipeline.state import STATE_FILE, PipelineRun, PipelineState
-from kdpipe.utils.claim import claimed
+from kdpipe.utils.claim import SharedLock, claimed
 from kdpipe.utils.config import print_and_save_config
 from kdpipe.utils.dist import barrier, broadcast_object, is_rank_zero, rank_zero_console, run_on_rank_zero, world_size
 from kdpipe.utils.io import atomic_write_json
 from kdpipe.utils.tables import rich_table
 
 console = rank_zero_console()
-# keys that may differ between a run's saved config and the command that resumes it
-RESUME_FREE_KEYS = ("resume", "paths", "print_config")
+# keys about the command itself, not the run: they may differ between the saved config and a resuming command
+RESUME_FREE_KEYS = ("resume", "resume_overrides", "store_verify", "paths", "print_config", "hydra")
+
+
+def absolute_paths(cfg: DictConfig) -> None:
+    """Make the run's paths absolute (in place): ``paths.root_dir`` (so the log, run and store folders below it
+    follow), local data files and model paths. A run resumed from another working directory then reads and
+    writes where it started."""
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(Path(str(cfg.paths.root_dir)).expanduser().resolve())
+        data = cfg.get("data")
+        for split, file in list(((data.get("files") if data is not None else None) or {}).items()):
+            if file is not None:
+                data.files[split] = str(Path(str(file)).expanduser().resolve())
+        if data is not None and data.get("path") and Path(str(data.path)).expanduser().exists():
+            data.path = str(Path(str(data.path)).expanduser().resolve())
+        for model in (cfg.get("models") or {}).values():
+            if model.get("path") and Path(str(model.path)).expanduser().exists():
+                model.path = str(Path(str(model.path)).expanduser().resolve())
 
 
 def _flat(cfg: DictConfig) -> dict:
+    """Every leaf of the config, resolved (a saved config is), as ``dotted.key -> value``; command keys left out."""
+
     def walk(node, prefix=""):
         if isinstance(node, dict):
             for k, v in node.items():
@@ -38,12 +58,19 @@ def _flat(cfg: DictConfig) -> dict:
         else:
             yield prefix[:-1], node
 
-    container = OmegaConf.to_container(cfg, resolve=False)
+    copy = cfg.copy()
+    with open_dict(copy):
+        copy.pop("hydra", None)
+        if "paths" in copy:
+            copy.paths.run_dir = "<run>"  # Hydra's runtime output dir: about the command, and unset outside Hydra
+    container = OmegaConf.to_container(copy, resolve=True)
     return {k: v for k, v in walk(container) if k.split(".")[0] not in RESUME_FREE_KEYS}
 
 
 def config_for_resume(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """The saved config of the run named by ``cfg.resume`` (the source of truth when resuming)."""
+    """The saved config of the run named by ``cfg.resume`` (the source of truth when resuming). The command's
+    config is compared with it like with like (both resolved, paths absolute, keys about the command itself
+    left out): every real difference is named, and refused under ``resume_overrides=error``."""
     run_dir = Path(str(cfg.resume)).expanduser().resolve()
     if not run_dir.is_dir():
         raise PipelineConfigError(f"resume directory {run_dir} does not exist")
@@ -52,14 +79,20 @@ def config_for_resume(cfg: DictConfig) -> tuple[DictConfig, Path]:
         raise PipelineConfigError(f"resume directory {run_dir} has no config.yaml: not a kdpipe run")
     saved = OmegaConf.load(saved_path)
     complete_stages(cfg)  # as the saved config holds them
+    absolute_paths(cfg)
     old, new = _flat(saved), _flat(cfg)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)]  # fmt: skip
     if changed and cfg.get("resume_overrides", "warn") == "error":
-        raise PipelineConfigError(f"resume: the command's config differs from the run's at {changed}")
+        raise PipelineConfigError(f"resume: the command's config differs from the run's: {'; '.join(changed)}")
     if changed:
-        console.print(f"[yellow]resume: using the run's saved config; ignoring differences at {changed[:8]}")
+        console.print(
+            f"[yellow]resume: continuing with the run's saved config; the command's {len(changed)} differences "
+            f"are ignored (resume_overrides=error refuses them): {'; '.join(changed)}"
+        )
     saved.resume = str(run_dir)
     saved.paths.run_dir = str(run_dir)
+    saved.store_verify = cfg.get("store_verify", "full")  # about this start, not the run
     return saved, run_dir
 
 
@@ -70,7 +103,10 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, list[StageSpec]]:
     else:
         run_dir = Path(str(cfg.paths.run_dir)).expanduser().resolve()
         complete_stages(cfg)
+        absolute_paths(cfg)
     specs = resolve_stages(cfg, set(STAGE_KINDS))
+    finished = PipelineState.load(run_dir, specs) if cfg.get("resume") else None
+    preflight(cfg, specs, run_dir, finished)  # every problem at once, before any stage trains
     check_shared_vocabulary(cfg, specs)  # teacher and student tokenizers only: cheap, and before any stage
     check_trainer_device(cfg.trainer)  # e.g. trainer=npu without torch_npu or CANN: say what to install or source
     check_optimized_metric(cfg, check_evaluations(cfg, specs))  # a metric without references: refused now
@@ -120,6 +156,16 @@ def _run_stages(cfg: DictConfig, run_dir: Path, specs: list[StageSpec]) -> Pipel
         with open_dict(cfg):
             cfg.paths.run_dir = str(run_dir)
     rank_zero = is_rank_zero()
+    lock = SharedLock(run_dir / "run")  # <run>/.run.lock: one kdpipe-train per run directory at a time
+    if rank_zero and not lock.try_acquire():
+        raise PipelineConfigError(f"{run_dir} is in use by another kdpipe-train (it holds {lock.path}): wait for it")
+    try:
+        return _run_locked(cfg, run_dir, specs, rank_zero)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, specs: list[StageSpec], rank_zero: bool) -> PipelineRun:
     holds_run = (run_dir / STATE_FILE).exists()  # every rank looks before rank 0 writes anything
     if cfg.get("resume"):
         state = PipelineState.load(run_dir, specs)

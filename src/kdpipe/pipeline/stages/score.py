@@ -55,6 +55,7 @@ def run_score(ctx: StageContext) -> StageResult:
             precision=settings.get("precision"),
             trainer=ctx.cfg.trainer,
             on_reuse=lambda reused=reused: reused.append(True),
+            verify=str(ctx.cfg.get("store_verify") or "full"),
         )
         if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
             model, _ = load_model_and_tokenizer(ctx)

@@ -1,0 +1,290 @@
+"""The preflight: everything a run will need, checked before stage 0, refused in one message listing every
+problem. Data splits the stages read parse and validate; numeric settings are in range; every store a stage
+reads exists and is intact, or an earlier stage of the order produces it; every output root is writable; on a
+resume, the stores and rollout sets of finished stages are intact (shard checksums: ``store_verify``)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from kdpipe.data.rollouts import MANIFEST as ROLLOUT_MANIFEST
+from kdpipe.data.scorers import needs_store
+from kdpipe.data.sources import load_split
+from kdpipe.errors import PipelineConfigError
+from kdpipe.pipeline.spec import StageSpec
+from kdpipe.store.reader import StoreError, TeacherStore
+from kdpipe.utils.dist import is_rank_zero, rank_zero_console
+
+console = rank_zero_console()
+VERIFY = ("full", "size")
+
+# (key, test, what it must be) per stage kind; a missing key is not checked (older saved configs)
+_POSITIVE = (lambda v: v is not None and int(v) >= 1, "an integer >= 1")
+_OPTIONAL_POSITIVE = (lambda v: v is None or int(v) >= 1, "null or an integer >= 1")
+_TRAINING = {
+    "max_steps": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "accumulate_grad_batches": _POSITIVE,
+    "val_every_n_steps": _POSITIVE,
+    "checkpoint_every_n_steps": _POSITIVE,
+    "train_fraction": (lambda v: 0.0 < float(v) <= 1.0, "in (0, 1]"),
+}
+_EVAL = {"eval.batch_size": _POSITIVE, "eval.max_new_tokens": _POSITIVE, "eval.limit": _OPTIONAL_POSITIVE}
+RANGES: dict[str, dict[str, tuple[Callable, str]]] = {
+    "sft": {**_TRAINING, **_EVAL},
+    "kd": {**_TRAINING, **_EVAL, "onpolicy_lambda": (lambda v: 0.0 <= float(v) <= 1.0, "in [0, 1]")},
+    "eval": _EVAL,
+    "score": {
+        "k": _POSITIVE,
+        "temperature": (lambda v: float(v) > 0, "> 0"),
+        "batch_size": _POSITIVE,
+        "shard_size": _POSITIVE,
+        "chunk_size": _POSITIVE,
+    },
+    "rollout": {
+        "n_samples": _POSITIVE,
+        "temperature": (lambda v: float(v) >= 0, ">= 0 (0: greedy)"),
+        "top_p": (lambda v: 0.0 < float(v) <= 1.0, "in (0, 1]"),
+        "max_new_tokens": _POSITIVE,
+        "batch_size": _POSITIVE,
+        "part_size": _POSITIVE,
+        "limit": _OPTIONAL_POSITIVE,
+    },
+}
+
+
+def _select(settings: DictConfig, dotted: str):
+    node = settings
+    for part in dotted.split("."):
+        if node is None or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def check_ranges(spec: StageSpec) -> list[str]:
+    """Numeric settings of one stage that are out of range (``max_steps=0``, ``top_p=2``, ...)."""
+    problems = []
+    for key, (ok, what) in RANGES.get(spec.kind, {}).items():
+        value = _select(spec.config, key)
+        if value is _MISSING:
+            continue
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            problems.append(f"pipeline.stages.{spec.name}.{key}={value}: must be {what}")
+    return problems
+
+
+def splits_read(specs: Sequence[StageSpec]) -> dict[str, list[str]]:
+    """Each data split the stages read, with the stages that read it."""
+    reads: dict[str, list[str]] = {}
+
+    def add(split, name):
+        reads.setdefault(str(split), []).append(name)
+
+    for spec in specs:
+        settings = spec.config
+        if spec.kind in ("sft", "kd"):
+            add("train", spec.name)
+            add("val", spec.name)
+        if spec.kind in ("score", "rollout"):
+            add(settings.get("split", "train"), spec.name)
+        if spec.kind in ("sft", "kd", "eval") and settings.get("eval") and settings.eval.get("enabled", True):
+            add(settings.eval.get("split", "test"), spec.name)
+    return reads
+
+
+def check_data(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
+    """Every split a stage reads loads and validates (a bad record is named by ``file:line``)."""
+    problems = []
+    for split, readers in splits_read(specs).items():
+        try:
+            loaded = load_split(cfg.data, split)
+        except (ValueError, KeyError, FileNotFoundError, ImportError, OSError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            problems.append(f"data split {split!r} (read by {', '.join(readers)}): {message}")
+            continue
+        if not loaded.examples:
+            problems.append(f"data split {split!r} (read by {', '.join(readers)}) has no valid examples")
+    return problems
+
+
+def _produced_before(specs: Sequence[StageSpec], index: int, style: str, sequences: str) -> bool:
+    for spec in specs[:index]:
+        if spec.kind != "score" or str(spec.config.get("sequences", "labels")) != sequences:
+            continue
+        styles = spec.config.get("styles") or []
+        if style in [str(s) for s in ([styles] if isinstance(styles, str) else styles)]:
+            return True
+    return False
+
+
+def _styles(settings: DictConfig) -> list[str]:
+    style = settings.get("style")
+    return [str(style)] if isinstance(style, str) else [str(s) for s in (style or [])]
+
+
+def open_store(path: Path, verify: str) -> str | None:
+    """None if the store at ``path`` is finished and intact (``verify=full``: every shard's sha256; ``size``:
+    shard files exist), else what is wrong."""
+    try:
+        store = TeacherStore(path)
+        if verify == "full":
+            store.verify_all()
+    except (StoreError, OSError, ValueError, KeyError) as err:
+        return str(err)
+    return None
+
+
+def check_stores(
+    specs: Sequence[StageSpec], done: dict[tuple[str, str], Path], verify: str, has_rollouts: set[str]
+) -> list[str]:
+    """Every store a stage reads: a path given must be an intact store; ``auto`` needs a finished stage's store
+    (``done``: on a resume) or a ``score`` stage earlier in the order that will write it."""
+    problems = []
+    for index, spec in enumerate(specs):
+        settings = spec.config
+        reads = []
+        if spec.kind == "kd" and float(settings.get("onpolicy_lambda", 0.0) or 0.0) < 1:
+            reads.append(("store", "labels"))
+        if spec.kind == "kd" and float(settings.get("onpolicy_lambda", 0.0) or 0.0) > 0:
+            reads.append(("onpolicy_store", "rollouts"))
+        if spec.kind in ("sft", "kd") and needs_store(settings.get("curriculum") or {}) and not reads:
+            reads.append((None, "labels"))
+        for setting, sequences in reads:
+            given = settings.get(setting) if setting else None
+            if given not in (None, "auto"):
+                problem = open_store(Path(str(given)), verify)
+                if problem:
+                    problems.append(f"pipeline.stages.{spec.name}.{setting}={given}: {problem}")
+                continue
+            styles = _styles(settings)
+            if len(styles) != 1:
+                continue  # the stage names this itself (one store covers one style)
+            style = styles[0]
+            if (style, sequences) in done or _produced_before(specs, index, style, sequences):
+                continue
+            what = "the student's rollouts" if sequences == "rollouts" else "its label sequences"
+            fix = (
+                f"a `rollout` stage and a `score` stage with sequences=rollouts and style {style!r}"
+                if sequences == "rollouts"
+                else f"a `score` stage scoring style {style!r}"
+            )
+            other = (
+                f"set pipeline.stages.{spec.name}.{setting}=<store path>"
+                if setting
+                else "choose a curriculum scorer that does not read it"
+            )
+            reader = "its curriculum scorer reads" if setting is None else "reads"
+            problems.append(
+                f"stage {spec.name!r} ({spec.kind}) {reader} a teacher store of {what} (style {style!r}) that no "
+                f"earlier stage writes: put {fix} before it in pipeline.order, or {other}"
+            )
+        if spec.kind == "kd" and float(settings.get("onpolicy_lambda", 0.0) or 0.0) > 0:
+            style = (_styles(settings) or ["reasoning"])[0]
+            earlier = any(s.kind == "rollout" and str(s.config.get("style")) == style for s in specs[:index])
+            if style not in has_rollouts and not earlier:
+                problems.append(
+                    f"stage {spec.name!r} mixes in the student's rollouts of style {style!r} "
+                    "(onpolicy_lambda > 0), but no `rollout` stage samples them earlier in pipeline.order"
+                )
+    return problems
+
+
+def check_finished(stores: dict[tuple[str, str], Path], rollouts: dict[str, Path], verify: str) -> list[str]:
+    """On a resume: the stores and rollout sets finished stages left are still intact."""
+    problems = []
+    for (style, sequences), path in sorted(stores.items()):
+        problem = open_store(Path(path), verify)
+        if problem:
+            problems.append(
+                f"the {style}/{sequences} store a finished stage wrote is damaged: {problem}; move it away "
+                f"(mv {path} {path}.broken) and start a new run with the same command: its score stage scores "
+                "it again (store_verify=size starts anyway, and fails when training reads the damaged shard)"
+            )
+    for style, path in sorted(rollouts.items()):
+        manifest = Path(path) / ROLLOUT_MANIFEST
+        if not manifest.exists():
+            problems.append(f"the {style} rollout set {path} has no {ROLLOUT_MANIFEST}: unfinished, or removed")
+    return problems
+
+
+def writable(path: Path) -> str | None:
+    """None if files can be created under ``path`` (made if missing), else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".kdpipe-write-test-"):
+            pass
+    except OSError as err:
+        return f"{path} is not writable ({err.strerror or err})"
+    return None
+
+
+def output_roots(cfg: DictConfig, specs: Sequence[StageSpec], run_dir: Path) -> dict[str, Path]:
+    """Every folder the run will write below: the run, stores, shared stages, converted models."""
+    log_dir = Path(str(cfg.paths.log_dir)).expanduser()
+    roots = {"run directory": run_dir.parent if not run_dir.exists() else run_dir}
+    for spec in specs:
+        if spec.kind == "score" and spec.config.get("store_root"):
+            roots[f"pipeline.stages.{spec.name}.store_root"] = Path(str(spec.config.store_root)).expanduser()
+    if any(bool(s.config.get("share")) for s in specs):
+        roots["shared stages"] = log_dir / "shared"
+    if any(str(m.get("source", "")) in ("gguf", "pretrained") for m in (cfg.get("models") or {}).values()):
+        roots["converted models"] = log_dir / "converted"
+    return roots
+
+
+def check_exports(finished) -> list[str]:
+    """On a resume: the export each finished training stage left (what later stages start from) is there."""
+    problems = []
+    for record in finished.stages:
+        export = record.result.export if record.status == "done" and record.result is not None else None
+        if export is not None and not (Path(export) / "config.json").exists():
+            problems.append(
+                f"stage {record.name!r} is done but its export {export} is missing or incomplete: start a new run, "
+                "or restore the export"
+            )
+    return problems
+
+
+def preflight(cfg: DictConfig, specs: Sequence[StageSpec], run_dir: Path, finished=None) -> None:
+    """Check everything the run will need; raise one :class:`PipelineConfigError` listing every problem.
+    ``finished``: the :class:`~kdpipe.pipeline.state.PipelineState` of the run being resumed."""
+    started = time.perf_counter()
+    verify = str(cfg.get("store_verify") or "full")
+    problems: list[str] = []
+    if verify not in VERIFY:
+        problems.append(f"store_verify={verify}: choose one of {list(VERIFY)}")
+        verify = "full"
+    for spec in specs:
+        problems.extend(check_ranges(spec))
+    problems.extend(check_data(cfg, specs))
+    done_stores = finished.stores if finished is not None else {}
+    done_rollouts = finished.rollouts if finished is not None else {}
+    problems.extend(check_stores(specs, done_stores, verify, set(done_rollouts)))
+    problems.extend(check_finished(done_stores, done_rollouts, verify))
+    if finished is not None:
+        problems.extend(check_exports(finished))
+    roots = output_roots(cfg, specs, run_dir).items() if is_rank_zero() else ()  # rank 0 writes; the others read
+    for what, root in roots:
+        problem = writable(root)
+        if problem:
+            problems.append(f"{what}: {problem}")
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
+        raise PipelineConfigError(f"the run cannot start ({count}):\n{listed}")
+    seconds = time.perf_counter() - started
+    if done_stores:
+        console.print(f"[dim]preflight: {len(done_stores)} finished stores verified ({verify}) in {seconds:.1f}s")
