@@ -56,7 +56,7 @@ def test_kdpipe_eval_scores_external_predictions(tmp_path, chat_file):
     # bad input: one line naming the file and line
     bad = write_records(tmp_path / "bad.jsonl", [{"id": "q0", "response": "x"}, "{oops"])
     proc = run_cli("kdpipe-eval", f"predictions={bad}", *chat_data_overrides(chat_file), cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and f"{bad}:2: invalid JSON" in proc.stderr
+    assert proc.returncode == 2 and f"{bad}:2:2: invalid JSON" in proc.stderr
     unknown = write_records(tmp_path / "unknown.jsonl", [{"id": "zz", "response": "x"}])
     proc = run_cli("kdpipe-eval", f"predictions={unknown}", *chat_data_overrides(chat_file), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "ids are not in data.files.test" in proc.stderr

@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_same_weights,
     chat_data_overrides,
     crash_override,
+    run_cli,
     store_of,
     third_party_chat,
     write_records,
@@ -165,3 +166,11 @@ def test_a_kill_between_the_two_renames_of_an_export_resumes(tiny_cfg, tmp_path,
     monkeypatch.setattr(io, "atomic_replace_dir", real)
     train(tiny_cfg(f"resume={tmp_path / 'run'}"))
     assert_same_weights(reference.result("sft_fast").export, tmp_path / "run" / "01_sft_fast" / "export")
+
+
+def test_a_sweep_checks_every_job_before_the_first_trains(tiny_cfg, tmp_path):
+    args = tiny_cfg.args("pipeline.order=[sft_fast]", "pipeline.stages.sft_fast.max_steps=2,0")
+    proc = run_cli("kdpipe-train", "-m", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "1 of 2 sweep jobs cannot start" in proc.stderr
+    assert "pipeline.stages.sft_fast.max_steps=0: must be an integer >= 1" in proc.stderr
+    assert not list(tmp_path.rglob("01_sft_fast"))  # job 0 did not train either

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from kdpipe.cli.errors import report_user_error
 from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json
 from kdpipe.utils.plots import save_accuracy_plot
 from kdpipe.utils.tables import markdown_table, rich_table
@@ -278,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or args.sweep_dirs[0]
     try:
         summary = aggregate(args.sweep_dirs, tuple(args.over), args.stage, args.x, out_dir)
-    except (FileNotFoundError, KeyError) as err:
-        print(f"kdpipe-aggregate: {err}", file=sys.stderr)
+    except Exception as err:  # a folder without results (file), a --stage or --x that names nothing (argument)
+        if not report_user_error("kdpipe-aggregate", err, ((KeyError, "argument"),)):
+            raise
         return 2
     header, rows = table_rows(summary)
     names = " + ".join(str(d) for d in args.sweep_dirs)

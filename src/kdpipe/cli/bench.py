@@ -12,6 +12,24 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kdpipe.cli.errors import exit_on_user_error
+from kdpipe.errors import KdpipeError
+
+
+class BenchArgumentError(KdpipeError, ValueError):
+    """A benchmark argument that names nothing known (a shape, a model)."""
+
+    kind = "argument"
+
+
+def known_names(given: str, known, option: str) -> list[str]:
+    """The comma-separated names of ``option``, each one of ``known``."""
+    names = given.split(",")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise BenchArgumentError(f"{option}: unknown {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
+    return names
+
 
 def print_table(title: str, rows: list[dict]) -> None:
     table = Table(title=title)
@@ -34,10 +52,11 @@ def bench_store(args: argparse.Namespace) -> dict:
 def bench_loss(args: argparse.Namespace) -> dict:
     import torch
 
-    from kdpipe.benchmarks.loss import run
+    from kdpipe.benchmarks.loss import SHAPES, run
 
+    shapes = known_names(args.shapes, SHAPES, "--shapes")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows, summary = run(args.shapes.split(","), device, args.repeats, args.warmup, args.chunk_size)
+    rows, summary = run(shapes, device, args.repeats, args.warmup, args.chunk_size)
     print_table(
         f"LM-head loss, forward + backward ({device}; fkl + CE, k=64)",
         [{"shape": name, **{k: v for k, v in s.items() if k != "device"}} for name, s in summary.items()],
@@ -46,9 +65,10 @@ def bench_loss(args: argparse.Namespace) -> dict:
 
 
 def bench_step(args: argparse.Namespace) -> dict:
-    from kdpipe.benchmarks.step import run
+    from kdpipe.benchmarks.step import MODELS, run
 
-    rows = [run(model, steps=args.steps, warmup=args.warmup) for model in args.models.split(",")]
+    models = known_names(args.models, MODELS, "--models")
+    rows = [run(model, steps=args.steps, warmup=args.warmup) for model in models]
     print_table("training step, SFT vs KD (CPU, bf16 autocast, fused loss, store read in the step)", rows)
     return {"step": rows}
 
@@ -72,11 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     step.add_argument("--warmup", type=int, default=2)
     step.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    result = {"store": bench_store, "loss": bench_loss, "step": bench_step}[args.bench](args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {args.json}")
+    with exit_on_user_error("kdpipe-bench"):  # an unknown name, a --json path that cannot be written: one line
+        result = {"store": bench_store, "loss": bench_loss, "step": bench_step}[args.bench](args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"written {args.json}")
 
 
 if __name__ == "__main__":

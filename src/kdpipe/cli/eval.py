@@ -22,9 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from kdpipe.accelerators import NPUUnavailableError, resolve_device
+from kdpipe import errors
 from kdpipe.accelerators import register as register_accelerators
-from kdpipe.data.records import DataError, RecordSpec
+from kdpipe.accelerators import resolve_device
+from kdpipe.cli.errors import exit_on_user_error, run_hydra_command
+from kdpipe.cli.overrides import check_overrides
+from kdpipe.data.records import RecordSpec
 from kdpipe.eval import evaluate_model, score_predictions
 from kdpipe.eval.plan import EvalPlan, MetricNotApplicable, plan_evaluation
 from kdpipe.models.factory import load_model, load_tokenizer
@@ -36,8 +39,19 @@ from kdpipe.utils.quiet import quiet_third_party
 console = Console()
 
 
-class EvalInputError(ValueError):
-    """Bad ``kdpipe-eval`` input: the message names the key, file or line."""
+class EvalInputError(errors.KdpipeError, ValueError):
+    """Bad ``kdpipe-eval`` input: the message names the key to give or fix."""
+
+    kind = "config"
+
+
+class PredictionsError(errors.DataError):
+    """A predictions file that cannot be scored: the message names the file and line."""
+
+
+# kdpipe-eval's own user errors beside the common ones (kdpipe.cli.errors): a key the data config lacks, a
+# metric that does not apply to the data
+EVAL_ERRORS = ((KeyError, "config"), (MetricNotApplicable, "config"))
 
 
 @dataclass
@@ -75,9 +89,9 @@ def first_style(data_cfg: DictConfig) -> str:
 
 
 def read_predictions(path: Path) -> dict[str, str]:
-    """``{id: response}`` from a JSONL file; a bad line is refused naming ``file:line``."""
+    """``{id: response}`` from a JSONL file; a bad line is refused naming ``file:line`` (``:column``)."""
     if not path.is_file():
-        raise EvalInputError(f"predictions: no such file {path}")
+        raise PredictionsError(f"predictions: no such file {path}")
     found: dict[str, str] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -85,15 +99,15 @@ def read_predictions(path: Path) -> dict[str, str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise EvalInputError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from err
+            raise PredictionsError(f"{path}:{number}:{err.colno}: invalid JSON: {err.msg}") from err
         if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("response"), str):
-            raise EvalInputError(f'{path}:{number}: expected {{"id": ..., "response": "..."}}')
+            raise PredictionsError(f'{path}:{number}: expected {{"id": ..., "response": "..."}}')
         key = str(record["id"])
         if key in found:
-            raise EvalInputError(f"{path}:{number}: id {key!r} appears twice")
+            raise PredictionsError(f"{path}:{number}: id {key!r} appears twice")
         found[key] = record["response"]
     if not found:
-        raise EvalInputError(f"{path}: no predictions")
+        raise PredictionsError(f"{path}: no predictions")
     return found
 
 
@@ -163,7 +177,7 @@ def evaluate(cfg: DictConfig) -> dict:
         known = {str(e["id"]) for e in plan.examples}
         unknown = sorted(set(replies) - known)
         if unknown:
-            raise EvalInputError(
+            raise PredictionsError(
                 f"predictions {cfg.predictions}: {len(unknown)} ids are not in {plan.data['described']} "
                 f"(e.g. {unknown[:3]}); check the split and data"
             )
@@ -205,15 +219,17 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     quiet_third_party()
     register_accelerators()
-    try:
+    with exit_on_user_error("kdpipe-eval", EVAL_ERRORS):
         accuracy = evaluate(cfg)["metrics"].get("accuracy")
-    except (FileNotFoundError, KeyError, DataError, NPUUnavailableError, EvalInputError, MetricNotApplicable) as err:
-        print(f"kdpipe-eval: {err}", file=sys.stderr)
-        sys.exit(2)
     return None if accuracy is None else float(accuracy)
+
+
+def main() -> None:
+    """``kdpipe-eval``: the command line's keys checked, then Hydra's entry point; user errors in one line."""
+    run_hydra_command("kdpipe-eval", hydra_main, check=lambda: check_overrides(sys.argv[1:], "eval"))
 
 
 if __name__ == "__main__":

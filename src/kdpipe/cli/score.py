@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from kdpipe.accelerators import register as register_accelerators
+from kdpipe.cli.errors import exit_on_user_error, run_hydra_command
+from kdpipe.cli.overrides import check_overrides
 from kdpipe.data.datamodule import encode_examples
 from kdpipe.data.sources import load_examples
 from kdpipe.engines import score_teacher
@@ -82,23 +84,29 @@ def score(cfg: DictConfig) -> dict[str, Path]:
 def _main(cfg: DictConfig, prog: str) -> None:
     quiet_third_party()
     register_accelerators()
-    try:
+    with exit_on_user_error(prog):
         score(cfg)
-    except PipelineConfigError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="score")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     _main(cfg, "kdpipe-score")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="score")
-def cache_alias(cfg: DictConfig) -> None:
+def hydra_cache_alias(cfg: DictConfig) -> None:
+    _main(cfg, "kdpipe-cache")
+
+
+def main() -> None:
+    """``kdpipe-score``: the command line's keys checked, then Hydra's entry point; user errors in one line."""
+    run_hydra_command("kdpipe-score", hydra_main, check=lambda: check_overrides(sys.argv[1:], "score"))
+
+
+def cache_alias() -> None:
     """``kdpipe-cache``: the old name of ``kdpipe-score`` (removed in the next release)."""
     print("kdpipe-cache is now kdpipe-score (the old name goes in the next release)", file=sys.stderr)
-    _main(cfg, "kdpipe-cache")
+    run_hydra_command("kdpipe-cache", hydra_cache_alias, check=lambda: check_overrides(sys.argv[1:], "score"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ consumed, so an interrupted stage sees exactly the batches an uninterrupted one 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
@@ -18,10 +20,12 @@ from transformers import PreTrainedTokenizerBase
 from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler, WithPlaceholders, rank_share_of
 from kdpipe.data.encode import encode_example, system_prompt_for
+from kdpipe.data.records import Problem
 from kdpipe.data.scorers import example_scores
 from kdpipe.data.sources import load_split, subset_by_id
 from kdpipe.store.reader import StoreUnion
 from kdpipe.types import EncodedExample
+from kdpipe.utils.io import atomic_write_text
 
 
 def encode_examples(
@@ -38,6 +42,16 @@ def encode_examples(
     ]
     kept = [e for e in encoded if e is not None]
     return kept, len(encoded) - len(kept)
+
+
+def write_skipped_records(path: Path, skipped: Mapping[str, Sequence[Problem]]) -> Path | None:
+    """Every invalid record dropped (``data.on_error=skip``), one JSON line each: ``{"split", "where"
+    (file:line), "reason"}``, split by split; written only when there is one (returns the path, else None)."""
+    lines = [json.dumps(problem.to_json(split)) + "\n" for split, problems in skipped.items() for problem in problems]
+    if not lines:
+        return None
+    atomic_write_text(path, "".join(lines))
+    return path
 
 
 class PostTrainDataModule(L.LightningDataModule):
@@ -113,13 +127,14 @@ class PostTrainDataModule(L.LightningDataModule):
         self.dropped: dict[str, int] = {}  # per split: examples over data.max_length, dropped
         self.truncated: dict[str, int] = {}  # per split: examples cut to data.max_length (overlong=truncate)
         self.skipped_invalid: dict[str, int] = {}  # per split: invalid records dropped (data.on_error=skip)
+        self.skipped: dict[str, tuple[Problem, ...]] = {}  # per split: those records, where and why
 
     def encode_split(self, split: str) -> list[EncodedExample]:
         """Load and tokenize one split; examples over ``data.max_length`` tokens are dropped (or truncated)
         and counted, as are the invalid records a file source skipped."""
         if split not in self.datasets:
             loaded = load_split(self.data_cfg, split)
-            self.skipped_invalid[split] = loaded.skipped_invalid
+            self.skipped_invalid[split], self.skipped[split] = loaded.skipped_invalid, loaded.problems
             raw = subset_by_id(loaded.examples, self.train_fraction) if split == "train" else loaded.examples
             encoded, self.dropped[split] = encode_examples(self.tokenizer, self.data_cfg, raw, self.styles)
             self.truncated[split] = sum(e.truncated for e in encoded)
@@ -127,6 +142,14 @@ class PostTrainDataModule(L.LightningDataModule):
                 raise ValueError(f"data split {split!r} is empty after tokenization (max_length too small?)")
             self.datasets[split] = encoded
         return self.datasets[split]
+
+    def skipped_records(self, splits: Sequence[str]) -> dict[str, list[Problem]]:
+        """The invalid records dropped (``data.on_error=skip``) from each of ``splits``: those of the splits this
+        module loaded, and of any other split read now (e.g. the evaluation's; parsed splits are cached)."""
+        for split in splits:
+            if split not in self.skipped:
+                self.skipped[split] = load_split(self.data_cfg, split).problems
+        return {split: list(self.skipped[split]) for split in dict.fromkeys(splits)}
 
     def encode_onpolicy(self) -> list[EncodedExample]:
         """The on-policy pool, tokenized like the labels (empty when the stage mixes none in)."""

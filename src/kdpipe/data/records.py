@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdpipe import errors
+
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
@@ -51,17 +53,29 @@ MAX_LISTED = 10  # problems spelled out in a DataError's message
 
 @dataclass(frozen=True)
 class Problem:
-    """One bad record: where it is (``file:line`` or ``... row i``) and what is wrong with it."""
+    """One bad record: where it is (``file:line`` or ``... row i``), what is wrong with it, and for a syntax
+    error the column (1-based) on that line."""
 
     where: str
     message: str
+    column: int | None = None
+
+    @property
+    def location(self) -> str:
+        """``where``, with ``:column`` when there is one (``file:line:column``, as editors jump to)."""
+        return self.where if self.column is None else f"{self.where}:{self.column}"
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
+        return f"{self.location}: {self.message}"
+
+    def to_json(self, split: str) -> dict:
+        """One line of a stage's ``skipped_records.jsonl``: the split, ``file:line`` and the reason."""
+        return {"split": split, "where": self.location, "reason": self.message}
 
 
-class DataError(ValueError):
-    """Invalid records in a data source: ``problems`` lists them (the message spells out the first few)."""
+class DataError(errors.DataError):
+    """Invalid records in a data source: ``problems`` lists them (the message spells out the first few); a
+    :class:`kdpipe.errors.DataError`, so a ``ValueError``."""
 
     def __init__(self, what: str, problems: list[Problem], total: int | None = None) -> None:
         self.problems, self.total = problems, len(problems) if total is None else total
@@ -72,7 +86,12 @@ class DataError(ValueError):
 
 
 class RecordError(ValueError):
-    """Raised by the record parsers for one bad record; the message says what is wrong."""
+    """Raised by the record parsers for one bad record; the message says what is wrong (``column``: where on
+    its line, for a syntax error)."""
+
+    def __init__(self, message: str, column: int | None = None) -> None:
+        super().__init__(message)
+        self.column = column
 
 
 @dataclass(frozen=True)
@@ -250,7 +269,7 @@ def parse_records(rows: Iterable[tuple[str, Any]], spec: RecordSpec) -> ParsedRe
                 raise record
             example = parse_record(record, spec)
         except RecordError as err:
-            problems.append(Problem(where, str(err)))
+            problems.append(Problem(where, str(err), err.column))
             continue
         if example["id"] in first_seen:
             problems.append(Problem(where, f"duplicate id {example['id']!r} (first at {first_seen[example['id']]})"))

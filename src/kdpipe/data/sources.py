@@ -27,17 +27,23 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data import arith
-from kdpipe.data.records import ParsedRecords, RecordError, RecordSpec, check_parsed, parse_records
+from kdpipe.data.records import ParsedRecords, Problem, RecordError, RecordSpec, check_parsed, parse_records
 
 CACHE_SIZE = 16
 
 
 @dataclass(frozen=True)
 class LoadedSplit:
-    """One split's examples and how many invalid records were dropped (``data.on_error=skip``)."""
+    """One split's examples and the invalid records dropped from it (``data.on_error=skip``): each a
+    :class:`~kdpipe.data.records.Problem` (where it is, what is wrong)."""
 
     examples: list[dict]
-    skipped_invalid: int = 0
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def skipped_invalid(self) -> int:
+        """How many invalid records were dropped."""
+        return len(self.problems)
 
 
 @lru_cache(maxsize=16)
@@ -68,12 +74,13 @@ def split_file(cfg: DictConfig, split: str) -> Path:
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(path:line, record)`` for each non-blank line (1-based); a line that is not JSON yields a RecordError."""
+    """``(path:line, record)`` for each non-blank line (1-based); a line that is not JSON yields a RecordError
+    at ``path:line:column`` (the column of the line as written, 1-based, its line break left out)."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
                 yield where, RecordError(f"not UTF-8 ({err.reason} at byte {err.start})")
                 continue
@@ -82,7 +89,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
-                yield where, RecordError(f"invalid JSON ({err.msg} at column {err.colno})")
+                yield where, RecordError(f"invalid JSON: {err.msg}", column=err.colno)
 
 
 def parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -201,7 +208,7 @@ def load_records(cfg: DictConfig, split: str) -> LoadedSplit:
             _PARSED.pop(next(iter(_PARSED)))
         _PARSED[key] = check_parsed(parse_records(rows, spec), spec, what)
     parsed = _PARSED[key]
-    return LoadedSplit(parsed.examples, parsed.skipped)
+    return LoadedSplit(parsed.examples, tuple(parsed.problems))
 
 
 SOURCES: dict[str, Callable[[DictConfig, str], LoadedSplit]] = {
@@ -216,7 +223,7 @@ def load_split(cfg: DictConfig, split: str) -> LoadedSplit:
     if cfg.source not in SOURCES:
         raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
     loaded = SOURCES[cfg.source](cfg, split)
-    return LoadedSplit([dict(e) for e in loaded.examples], loaded.skipped_invalid)
+    return LoadedSplit([dict(e) for e in loaded.examples], loaded.problems)
 
 
 def load_examples(cfg: DictConfig, split: str) -> list[dict]:

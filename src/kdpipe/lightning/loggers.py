@@ -1,9 +1,10 @@
 """The stage's loggers from the ``logger`` config group (one wandb run per stage, grouped by run), what they
 record (the stage's config, its metrics under ``stage/``, its evaluation under ``eval/``, a sample of its
-generations), and teardown."""
+generations), what a resumed stage keeps of an interrupted attempt's logs, and teardown."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import inspect
 import itertools
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.utils.dist import is_rank_zero, rank_zero_console
 from kdpipe.utils.io import atomic_write_text
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 console = rank_zero_console()
 
@@ -50,8 +54,99 @@ def logger_kwargs(wandb: bool, name: str, run_dir: Path, stage_dir: Path, stage_
     }
 
 
-def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, stage_dir: Path, stage_name: str) -> list:
-    """Instantiate the configured loggers for one stage (``stage_name``: its folder name, e.g. ``03_kd_fast``)."""
+def row_step(row: dict) -> float:
+    """The ``step`` of a row read back from a ``metrics.csv`` (a row without one: -1, kept as logged first)."""
+    try:
+        return float(row.get("step") or -1)
+    except ValueError:
+        return -1.0
+
+
+class ResumableExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an earlier attempt's ``metrics.csv`` is kept, not deleted.
+
+    Its rows are read back when the writer starts; the first save writes those logged before ``resume_step``
+    (None: before the first step logged now), then the new rows as Lightning does. So a resumed stage's file
+    holds every step once: what the interrupted attempt logged up to its checkpoint, then the resumed part."""
+
+    def __init__(self, log_dir: str, resume_step: int | None = None) -> None:
+        self.resume_step = resume_step
+        self.earlier: list[dict] | None = None  # the earlier attempt's rows, until the first save merges them
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        """Read an earlier attempt's rows back (Lightning warns here, then deletes the file)."""
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.earlier = list(csv.DictReader(file))
+
+    def save(self) -> None:
+        """Save the rows logged since the last save (the first time, after the earlier attempt's kept rows)."""
+        if self.earlier is not None and self.metrics:
+            self.keep_earlier()
+        super().save()
+
+    def keep_earlier(self) -> None:
+        """Rewrite ``metrics.csv`` with the earlier rows logged before the resume step (the rest are logged
+        again by the resumed stage); the new rows are appended after them."""
+        first_new = min(row_step(row) for row in self.metrics)
+        boundary = first_new if self.resume_step is None else self.resume_step
+        kept = [row for row in self.earlier if row_step(row) < boundary]
+        self.earlier = None
+        self.metrics_keys = sorted({key for row in kept for key in row})
+        if not kept:
+            self._fs.rm_file(self.metrics_file_path)
+            return
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` whose ``metrics.csv`` survives a resumed stage (see
+    :class:`ResumableExperimentWriter`); ``resume_step``: the step the stage resumes from (its checkpoint's
+    ``global_step``; 0: it starts over), whose rows and later ones the resumed stage logs again."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ResumableExperimentWriter:
+        """The writer (made on first use, as Lightning's), keeping what an earlier attempt logged."""
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ResumableExperimentWriter(self.log_dir, self.resume_step)
+        return self._experiment
+
+
+def checkpoint_step(path: Path | str) -> int:
+    """The ``global_step`` a Lightning checkpoint file was saved at (memory-mapped: its tensors are not read)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def resume_kwargs(factory, resume_step: int | None) -> dict:
+    """What a logger is told of the step a training stage starts from (None: not a training stage): kdpipe's
+    CSV logger drops an earlier attempt's rows from there on; TensorBoard gets it as ``purge_step`` (its
+    readers hide the earlier event files' records from that step on, as the resumed stage writes them again)."""
+    if resume_step is None or not isinstance(factory, type):
+        return {}
+    if "resume_step" in inspect.signature(factory).parameters:
+        return {"resume_step": resume_step}
+    if any(cls.__name__ == "TensorBoardLogger" for cls in factory.__mro__):
+        return {"purge_step": resume_step}
+    return {}
+
+
+def make_loggers(
+    logger_cfg: DictConfig | None, run_dir: Path, stage_dir: Path, stage_name: str, resume_step: int | None = None
+) -> list:
+    """Instantiate the configured loggers for one stage (``stage_name``: its folder name, e.g. ``03_kd_fast``);
+    ``resume_step``: a training stage's first step (its checkpoint's, or 0), see :func:`resume_kwargs`."""
     loggers = []
     for name, cfg in (logger_cfg or {}).items():
         if cfg is None or "_target_" not in cfg:
@@ -63,7 +158,8 @@ def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, stage_dir: Path, 
         kwargs = logger_kwargs(wandb, name, run_dir, stage_dir, stage_name)
         accepted = inspect.signature(factory.func).parameters
         has_var_kw = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-        logger = factory(**{k: v for k, v in kwargs.items() if k in accepted or has_var_kw})
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted or has_var_kw}
+        logger = factory(**kwargs, **resume_kwargs(factory.func, resume_step))
         logger.kdpipe_generations_sample = int(own.get("generations_sample", GENERATIONS_SAMPLE))
         if wandb:
             prepare_wandb(logger, quiet=bool(own.get("quiet", True)))

@@ -18,6 +18,7 @@ from kdpipe.types import IGNORE_INDEX
 
 OptimizerFactory = Callable[..., Optimizer]
 FROZEN_OMITTED = "kdpipe_frozen_weights_omitted"  # checkpoint key: the frozen weights left out of it
+COUNTERS = "kdpipe_counters"  # checkpoint key: the work done up to it (see SFTModule.counters)
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
@@ -113,8 +114,10 @@ class SFTModule(L.LightningModule):
         self.loss_impl, self.chunk_size, self.loss_backend = loss_impl, chunk_size, loss_backend
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay = weight_decay
-        self._step_started = 0.0
+        self._step_started, self._batch_tokens, self._in_batch = 0.0, 0, False
         self._tokens_seen, self._batches_seen, self._train_seconds = 0, 0, 0.0
+        self.seconds_before = 0.0  # the stage's wall-clock seconds before the checkpoint it resumed from
+        self.attempt_started: float | None = None  # when this attempt's fit began (fit_stage sets it; or fit)
         self._val_sums: list[torch.Tensor] = []
         self._matrices = matrix_names(model)  # before any wrapping flattens the parameters (FSDP)
 
@@ -170,6 +173,10 @@ class SFTModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+        self._batch_tokens = (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        )
+        self._in_batch = True
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         scale, _ = self.rank_weights(batch)
@@ -179,7 +186,7 @@ class SFTModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
-        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        tokens, self._in_batch = self._batch_tokens, False
         self._tokens_seen += tokens
         self._batches_seen += 1
         self._train_seconds += elapsed
@@ -187,7 +194,8 @@ class SFTModule(L.LightningModule):
 
     def throughput(self) -> dict:
         """Non-pad tokens and batches trained on in this process, and their rates over the time spent in
-        training steps (forward, backward, optimizer; validation and checkpointing excluded)."""
+        training steps (forward, backward, optimizer; validation and checkpointing excluded); a resumed stage's
+        include the work before its checkpoint (several ranks: every rank resumes rank 0's counts)."""
         seconds = self._train_seconds
         return {
             "tokens_trained": self._tokens_seen,
@@ -195,6 +203,37 @@ class SFTModule(L.LightningModule):
             "batches_trained": self._batches_seen,
             "batches_per_s": self._batches_seen / seconds if seconds else 0.0,
         }
+
+    def on_fit_start(self) -> None:
+        if self.attempt_started is None:
+            self.attempt_started = time.perf_counter()
+
+    def stage_seconds(self) -> float:
+        """The stage's wall-clock seconds of fitting so far: this attempt's (from :attr:`attempt_started`) plus
+        those of the attempts before the checkpoint it resumed from."""
+        started = self.attempt_started
+        return self.seconds_before + (time.perf_counter() - started if started is not None else 0.0)
+
+    def counters(self) -> dict:
+        """The work done so far, as a checkpoint keeps it (plain numbers: a ``weights_only`` load reads them):
+        tokens and batches trained on, seconds in training steps, and the stage's seconds of fitting. A batch
+        in flight counts: ``ModelCheckpoint`` saves in its ``on_train_batch_end``, before the module's own
+        hook counts it, and a stage resumed from that checkpoint does not train on it again."""
+        in_flight = int(self._in_batch)
+        return {
+            "tokens_trained": int(self._tokens_seen + in_flight * self._batch_tokens),
+            "batches_trained": int(self._batches_seen + in_flight),
+            "train_step_seconds": float(self._train_seconds)
+            + (time.perf_counter() - self._step_started if in_flight else 0.0),
+            "train_seconds": float(self.stage_seconds()),
+        }
+
+    def load_counters(self, counters: dict) -> None:
+        """Continue the counts of :meth:`counters` (a resumed stage counts the interrupted attempt's work)."""
+        self._tokens_seen = int(counters["tokens_trained"])
+        self._batches_seen = int(counters["batches_trained"])
+        self._train_seconds = float(counters["train_step_seconds"])
+        self.seconds_before = float(counters["train_seconds"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         count = (batch["labels"] != -100).sum()
@@ -216,8 +255,10 @@ class SFTModule(L.LightningModule):
         self._val_sums.clear()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Leave frozen weights (a LoRA model's base) out of Lightning checkpoints: a resumed stage loads them
-        again from where it started, so only the adapters, optimizer and loop state need saving."""
+        """Keep the work done so far (:meth:`counters`) and leave frozen weights (a LoRA model's base) out of
+        Lightning checkpoints: a resumed stage loads them again from where it started, so only the adapters,
+        optimizer and loop state need saving."""
+        checkpoint[COUNTERS] = self.counters()
         named = self.model.named_parameters(remove_duplicate=False)
         frozen = [f"model.{clean_name(n)}" for n, p in named if not p.requires_grad]  # FSDP: names without wrappers
         if frozen:
@@ -225,7 +266,10 @@ class SFTModule(L.LightningModule):
             checkpoint[FROZEN_OMITTED] = [key for key in frozen if state.pop(key, None) is not None]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Put the frozen weights a checkpoint omits back from the model as loaded (its stage's start)."""
+        """Continue the checkpoint's counts (none in one saved before they were kept), and put the frozen
+        weights it omits back from the model as loaded (its stage's start)."""
+        if COUNTERS in checkpoint:
+            self.load_counters(checkpoint[COUNTERS])
         omitted = checkpoint.get(FROZEN_OMITTED)
         if omitted:
             current = self.state_dict()

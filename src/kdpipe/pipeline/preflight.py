@@ -284,7 +284,10 @@ def preflight(cfg: DictConfig, specs: Sequence[StageSpec], run_dir: Path, finish
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
-        raise PipelineConfigError(f"the run cannot start ({count}):\n{listed}")
+        error = PipelineConfigError(f"the run cannot start ({count}):\n{listed}")
+        if all(p.startswith("data split") for p in problems):
+            error.kind = "data"  # `kdpipe-train: data error: ...`
+        raise error
     seconds = time.perf_counter() - started
     if done_stores:
         console.print(f"[dim]preflight: {len(done_stores)} finished stores verified ({verify}) in {seconds:.1f}s")

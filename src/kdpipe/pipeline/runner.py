@@ -113,6 +113,24 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, list[StageSpec]]:
     return cfg, run_dir, specs
 
 
+def preflight_jobs(jobs: list[tuple[str, DictConfig]]) -> None:
+    """A multirun's preflight: every job's (name, config) is checked as :func:`prepare` checks a run, before
+    the first job trains; one :class:`PipelineConfigError` names each job that cannot start and why."""
+    failed = []
+    for name, cfg in jobs:
+        if cfg.get("resume"):
+            continue  # a resumed job is checked against its own saved run when it starts
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(Path(str(cfg.paths.log_dir)).expanduser() / "multiruns" / "preflight")
+        try:
+            prepare(cfg)
+        except PipelineConfigError as err:
+            failed.append(f"job {name}: {err}")
+    if failed:
+        raise PipelineConfigError(f"{len(failed)} of {len(jobs)} sweep jobs cannot start:\n" + "\n".join(failed))
+
+
 def run_pipeline(cfg: DictConfig) -> PipelineRun:
     """Run (or resume) the pipeline a config describes; returns its metrics and, apart, its stages' results.
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
+from kdpipe import errors
 from kdpipe.models.fingerprint import tokenizer_fingerprint
 from kdpipe.store import codec
 from kdpipe.store.fingerprint import example_token_hash
@@ -25,7 +26,7 @@ from kdpipe.types import EncodedExample
 from kdpipe.utils.io import read_json, sha256_file
 
 
-class StoreError(ValueError):
+class StoreError(errors.StoreError):
     """A teacher store that is missing, corrupt, or does not match the data it is used with."""
 
 
@@ -47,7 +48,10 @@ class TeacherStore:
         manifest_path = self.path / MANIFEST
         if not manifest_path.exists():
             raise StoreError(f"{self.path} is not a finished teacher store: no {MANIFEST}")
-        self.manifest = read_json(manifest_path)
+        try:
+            self.manifest = read_json(manifest_path)
+        except (ValueError, OSError) as err:
+            raise StoreError(f"{manifest_path} cannot be read ({err}): the store is damaged") from err
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise StoreError(
                 f"{manifest_path}: format {self.manifest.get('format')!r} v{self.manifest.get('version')}, "

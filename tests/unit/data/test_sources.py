@@ -163,7 +163,7 @@ def test_every_bad_record_is_reported_with_its_line(tmp_path, record, message):
     problem = err.value.problems[0]
     assert problem.where == f"{tmp_path / 'train.jsonl'}:3"
     assert message in problem.message
-    assert f"{tmp_path / 'train.jsonl'}:3: " in str(err.value)
+    assert f"{tmp_path / 'train.jsonl'}:3:" in str(err.value)  # invalid JSON: file:line:column
 
 
 def test_fail_lists_the_first_problems_and_the_total(tmp_path):
@@ -183,7 +183,7 @@ def test_skip_drops_bad_records_counts_and_warns(tmp_path, caplog):
         loaded = load_split(cfg, "train")
     assert [e["prompt"] for e in loaded.examples] == ["2+2?", "Capital of Japan?"]
     assert loaded.skipped_invalid == 2
-    assert "skipped 2 invalid record(s)" in caplog.text and "train.jsonl:2: invalid JSON" in caplog.text
+    assert "skipped 2 invalid record(s)" in caplog.text and "train.jsonl:2:2: invalid JSON" in caplog.text
 
 
 def test_nothing_valid_fails_even_when_skipping(tmp_path):

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from kdpipe.data.datamodule import PostTrainDataModule
+from kdpipe.data.datamodule import PostTrainDataModule, write_skipped_records
 from kdpipe.data.scorers import needs_model, needs_store, scorer_config
 from kdpipe.errors import PipelineConfigError
 from kdpipe.eval import evaluate_model
 from kdpipe.eval.plan import EvalPlan, plan_evaluation
-from kdpipe.lightning.loggers import finish_loggers, log_config, log_results, make_loggers, sweep_job
+from kdpipe.lightning.loggers import checkpoint_step, finish_loggers, log_config, log_results, make_loggers, sweep_job
 from kdpipe.lightning.precision import resolve_precision
 from kdpipe.lightning.strategy import shards_weights
 from kdpipe.lightning.trainer import inference_device, instantiate_trainer
@@ -135,6 +135,8 @@ def make_trainer(ctx: StageContext, max_steps: int, loggers: list, precision: st
     ``precision`` (resolved from ``trainer.precision``, see :mod:`kdpipe.lightning.precision`)."""
     settings = ctx.settings
     callbacks = [hydra.utils.instantiate(c) for c in (ctx.cfg.get("callbacks") or {}).values() if c is not None]
+    if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(
         ModelCheckpoint(
             dirpath=ctx.stage_dir / "checkpoints",
@@ -200,13 +202,16 @@ def export_and_evaluate(
     returns the stage's result (the evaluation's metrics included) and, apart, the evaluation's dict."""
     settings = ctx.settings
     whole = trained_model(ctx, trainer, module)  # every rank calls it (a gather, for a sharded strategy)
+    evaluated = settings.eval.enabled and str(settings.eval.get("backend") or "kdpipe") != "lm_eval"
+    skipped = datamodule.skipped_records(["train", "val", *([str(settings.eval.split)] if evaluated else [])])
     metrics = {
         "train_seconds": seconds,
         "steps": trainer.global_step,
         "train_examples": len(datamodule.encode_split("train")),  # cached: the split fit used
         "dropped_too_long": datamodule.dropped.get("train", 0),
         "truncated_too_long": getattr(datamodule, "truncated", {}).get("train", 0),
-        "skipped_invalid": getattr(datamodule, "skipped_invalid", {}).get("train", 0),
+        "skipped_invalid": len(skipped["train"]),
+        "skipped_invalid_by_split": {split: len(problems) for split, problems in skipped.items()},
         **{k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()},
         **module.throughput(),
         **peak_memory_mb(),
@@ -218,6 +223,7 @@ def export_and_evaluate(
     metrics["steps_per_s"] = metrics["batches_per_s"] / int(settings.accumulate_grad_batches)
 
     def on_rank_zero() -> tuple[StageResult, dict]:  # the others wait, then read the export
+        write_skipped_records(ctx.stage_dir / "skipped_records.jsonl", skipped)  # every one, where and why
         trainable = count_parameters(whole, trainable_only=True)
         model = merged(whole)  # LoRA: the adapters merged in; the export and the evaluation use this model
         found = {"parameters": count_parameters(model), "trainable_parameters": trainable}
@@ -240,7 +246,9 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
         console.print(f"[yellow]resuming stage {ctx.spec.dirname} from {last}")
     train_examples = datamodule.encode_split("train")
     precision, precision_info = stage_precision(ctx, module.model, train_examples)
-    loggers = make_loggers(ctx.cfg.get("logger"), ctx.run_dir, ctx.stage_dir, ctx.spec.dirname)
+    # the loggers keep what an interrupted attempt logged before the step the stage resumes from
+    resume_step = checkpoint_step(last) if resume_from else 0
+    loggers = make_loggers(ctx.cfg.get("logger"), ctx.run_dir, ctx.stage_dir, ctx.spec.dirname, resume_step)
     trainer = make_trainer(ctx, max_steps, loggers, precision)
     if datamodule.scorer_model is not None and shards_weights(trainer.strategy):
         finish_loggers(loggers)
@@ -250,7 +258,7 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
         )
     L.seed_everything(ctx.seed, verbose=False)
     module.model.train()
-    started = time.perf_counter()
+    module.attempt_started = time.perf_counter()  # a resumed module adds the seconds before its checkpoint
     log_config(loggers, run_config(ctx))
     status = "failed"
     try:
@@ -259,7 +267,7 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
         if trainer.interrupted:
             raise KeyboardInterrupt(f"stage {ctx.spec.dirname} interrupted at step {trainer.global_step}")
         trainer.save_checkpoint(last, weights_only=False)  # full state: weights, optimizer, loops
-        seconds = time.perf_counter() - started
+        seconds = module.stage_seconds()  # this attempt's and, resumed, the interrupted ones' before it
         result, evaluation = export_and_evaluate(ctx, trainer, module, tokenizer, datamodule, seconds, precision_info)
         # what it scored, beside what it ran: the evaluation under eval/ (with a sample of its generations)
         log_results(loggers, result.metrics, trainer.global_step, evaluation, ctx.stage_dir / "generations.jsonl")
