@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from kdpipe.cli.eval import evaluate
 from kdpipe.cli.train import train
-from kdpipe.errors import PipelineConfigError
-from tests.helpers import chat_data_overrides, run_cli, third_party_chat, write_records
+from kdpipe.errors import DataError, PipelineConfigError
+from tests.helpers import chat_data_overrides, compose_cfg, run_cli, third_party_chat, write_records
 
 
 @pytest.fixture
@@ -50,18 +51,21 @@ def test_kdpipe_eval_scores_external_predictions(tmp_path, chat_file):
     out = json.loads((tmp_path / "replies.eval_test.json").read_text())
     assert out["metrics"]["accuracy"] == 1.0 and out["metrics"]["num_examples"] == 12
     assert out["predictions"] == str(predictions) and out["data"]["fingerprint"]
+
+    def scored(path, *overrides):  # the same command in this process (each subprocess costs ~10 s of imports)
+        return evaluate(compose_cfg([f"predictions={path}", *overrides], config_name="eval"))
+
     wrong = write_records(tmp_path / "wrong.jsonl", [{"id": r["id"], "response": "The answer is -1."} for r in records])
-    run_cli("kdpipe-eval", f"predictions={wrong}", *chat_data_overrides(chat_file), cwd=tmp_path)
-    assert json.loads((tmp_path / "wrong.eval_test.json").read_text())["metrics"]["accuracy"] == 0.0
+    assert scored(wrong, *chat_data_overrides(chat_file))["metrics"]["accuracy"] == 0.0
     # bad input: one line naming the file and line
     bad = write_records(tmp_path / "bad.jsonl", [{"id": "q0", "response": "x"}, "{oops"])
-    proc = run_cli("kdpipe-eval", f"predictions={bad}", *chat_data_overrides(chat_file), cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and f"{bad}:2:2: invalid JSON" in proc.stderr
+    with pytest.raises(DataError, match=f"{bad}:2:2: invalid JSON"):
+        scored(bad, *chat_data_overrides(chat_file))
     unknown = write_records(tmp_path / "unknown.jsonl", [{"id": "zz", "response": "x"}])
-    proc = run_cli("kdpipe-eval", f"predictions={unknown}", *chat_data_overrides(chat_file), cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "ids are not in data.files.test" in proc.stderr
-    proc = run_cli("kdpipe-eval", f"predictions={predictions}", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "name the data" in proc.stderr
+    with pytest.raises(DataError, match=r"ids are not in data\.files\.test"):
+        scored(unknown, *chat_data_overrides(chat_file))
+    with pytest.raises(ValueError, match="name the data"):
+        scored(predictions)
 
 
 def test_a_metric_without_references_is_refused_before_training_and_loss_still_applies(tiny_cfg, tmp_path):

@@ -59,6 +59,11 @@ def test_max_steps_below_one_is_refused_with_every_other_problem(tiny_cfg, tmp_p
     assert "pipeline.stages.score.k=0" in message
 
 
+def test_k_above_the_teachers_vocabulary_is_refused_before_the_teacher_trains(tiny_cfg, tmp_path):
+    message = refused(tiny_cfg, tmp_path, "pipeline.stages.score.k=100000", match="vocabulary")
+    assert "pipeline.stages.score.k=100000: more than models.teacher's vocabulary of" in message
+
+
 def test_an_unwritable_store_root_is_refused_up_front(tiny_cfg, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")  # the tests run as root, where chmod does not stop writes: a file does

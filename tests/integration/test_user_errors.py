@@ -53,6 +53,7 @@ def test_a_command_refused_after_hydra_made_its_folder_removes_it(tiny_cfg, tmp_
     assert run_folders(tmp_path) == []
 
 
+@pytest.mark.slow  # a subprocess each (~11 s); make test-all
 def test_an_output_root_that_cannot_be_made_is_one_line(tiny_cfg, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -60,6 +61,7 @@ def test_an_output_root_that_cannot_be_made_is_one_line(tiny_cfg, tmp_path):
     refused(proc, "file", f"Not a directory: '{blocker}")  # Hydra's own mkdir of the run folder
 
 
+@pytest.mark.slow  # a subprocess each (~11 s); make test-all
 def test_lightning_refusing_a_setting_is_a_config_error(tiny_cfg, tmp_path):
     proc = run_cli("kdpipe-train", *tiny_cfg.args(*ONE_STAGE, "trainer.devices=0"), cwd=tmp_path, check=False)
     first = refused(proc, "config", "Trainer(devices=0)")
@@ -95,6 +97,7 @@ def test_every_skipped_record_of_every_split_is_written_and_counted(skipping_run
     assert metrics["skipped_invalid_by_split"] == {"train": 3, "val": 3, "test": 3}
 
 
+@pytest.mark.slow  # a subprocess each (~11 s); make test-all
 def test_resuming_a_run_leaves_no_new_run_folder(skipping_run):
     run, _ = skipping_run
     root = run.parents[2]

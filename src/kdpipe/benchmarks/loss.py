@@ -1,4 +1,5 @@
-"""LM-head loss benchmark: plain vs fused vs the bare LM-head matmul (the floor), forward + backward.
+"""LM-head loss benchmark: plain vs fused vs the bare LM-head matmul (the floor), forward + backward, for
+every divergence (``--divergences``) and tail mode (``--tails``: the tail mode changes the work).
 
 Each case runs in its own process, so peak memory is honest: on CPU the growth of the process's resident-set
 high-water mark (``ru_maxrss``) over what the inputs already took; on CUDA ``torch.cuda.max_memory_allocated``
@@ -42,13 +43,22 @@ def make_inputs(n: int, h: int, v: int, k: int, device: str, seed: int = 0):
     return hidden, weight, ids.to(device), logprobs.to(device), tail.to(device), labels.to(device)
 
 
-def run_case(case: str, shape: str, device: str, repeats: int, warmup: int, chunk_size: int | None) -> dict:
+def run_case(
+    case: str,
+    shape: str,
+    device: str,
+    repeats: int,
+    warmup: int,
+    chunk_size: int | None,
+    divergence: str = "fkl",
+    tail_mode: str = "bucket",
+) -> dict:
     """Time and peak memory of one case (call in a fresh process)."""
     from kdpipe.losses import KDLossSettings, fused_sparse_kd_loss, sparse_kd_loss
 
     n, h, v, k = parse_shape(shape)
     hidden, weight, ids, logprobs, tail, labels = make_inputs(n, h, v, k, device)
-    settings = KDLossSettings(divergence="fkl", ce_weight=0.5)
+    settings = KDLossSettings(divergence=divergence, tail=tail_mode, ce_weight=0.5, beta=0.5)
 
     def step():
         if case == "floor":
@@ -79,52 +89,73 @@ def run_case(case: str, shape: str, device: str, repeats: int, warmup: int, chun
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"case": case, "shape": shape, "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+    return {
+        "case": case,
+        "shape": shape,
+        "divergence": divergence if case != "floor" else None,
+        "tail": tail_mode if case != "floor" else None,
+        "seconds": statistics.median(times),
+        "peak_bytes": max(peak, 0),
+    }
 
 
-def run(shapes: list[str], device: str = "cpu", repeats: int = 3, warmup: int = 1, chunk_size: int | None = None):
-    """All cases of all shapes, each in its own process; returns rows and per-shape ratios."""
-    rows = []
+def _measure(case, shape, device, repeats, warmup, chunk_size, divergence="fkl", tail_mode="bucket") -> dict:
+    args = [case, shape, device, repeats, warmup, chunk_size or 0, divergence, tail_mode]
+    cmd = [sys.executable, "-m", "kdpipe.benchmarks.loss", *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+
+
+def run(
+    shapes: list[str],
+    device: str = "cpu",
+    repeats: int = 3,
+    warmup: int = 1,
+    chunk_size: int | None = None,
+    divergences: list[str] | None = None,
+    tails: list[str] | None = None,
+):
+    """The floor once per shape, then plain and fused for each divergence and tail mode, each in its own
+    process; returns the rows and one summary row per (shape, divergence, tail) with the ratios."""
+    divergences, tails = divergences or ["fkl"], tails or ["bucket"]
+    rows, summary = [], []
     for shape in shapes:
-        for case in CASES:
-            cmd = [
-                sys.executable,
-                "-m",
-                "kdpipe.benchmarks.loss",
-                case,
-                shape,
-                device,
-                str(repeats),
-                str(warmup),
-                str(chunk_size or 0),
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
-    summary = {}
-    for shape in shapes:
-        by = {r["case"]: r for r in rows if r["shape"] == shape}
+        floor = _measure("floor", shape, device, repeats, warmup, chunk_size)
+        rows.append(floor)
         n, h, v, k = parse_shape(shape)
-        summary[shape] = {
-            "N": n,
-            "H": h,
-            "V": v,
-            "k": k,
-            "device": device,
-            "plain_s": by["plain"]["seconds"],
-            "fused_s": by["fused"]["seconds"],
-            "floor_s": by["floor"]["seconds"],
-            "plain_peak_gib": by["plain"]["peak_bytes"] / 2**30,
-            "fused_peak_gib": by["fused"]["peak_bytes"] / 2**30,
-            "floor_peak_gib": by["floor"]["peak_bytes"] / 2**30,
-            "peak_mem_ratio_vs_plain": by["fused"]["peak_bytes"] / max(by["plain"]["peak_bytes"], 1),
-            "time_ratio_vs_plain": by["fused"]["seconds"] / by["plain"]["seconds"],
-            "time_ratio_vs_floor": by["fused"]["seconds"] / by["floor"]["seconds"],
-        }
+        for divergence in divergences:
+            for tail_mode in tails:
+                plain, fused = (
+                    _measure(case, shape, device, repeats, warmup, chunk_size, divergence, tail_mode)
+                    for case in ("plain", "fused")
+                )
+                rows += [plain, fused]
+                summary.append(
+                    {
+                        "shape": shape,
+                        "divergence": divergence,
+                        "tail": tail_mode,
+                        "N": n,
+                        "H": h,
+                        "V": v,
+                        "k": k,
+                        "device": device,
+                        "floor_s": floor["seconds"],
+                        "plain_s": plain["seconds"],
+                        "fused_s": fused["seconds"],
+                        "floor_peak_gib": floor["peak_bytes"] / 2**30,
+                        "plain_peak_gib": plain["peak_bytes"] / 2**30,
+                        "fused_peak_gib": fused["peak_bytes"] / 2**30,
+                        "peak_mem_ratio_vs_plain": fused["peak_bytes"] / max(plain["peak_bytes"], 1),
+                        "time_ratio_vs_plain": fused["seconds"] / plain["seconds"],
+                        "time_ratio_vs_floor": fused["seconds"] / floor["seconds"],
+                    }
+                )
     return rows, summary
 
 
 if __name__ == "__main__":
-    case, shape, device, repeats, warmup, chunk = sys.argv[1:7]
+    case, shape, device, repeats, warmup, chunk, divergence, tail_mode = sys.argv[1:9]
     torch.manual_seed(0)
-    result = run_case(case, shape, device, int(repeats), int(warmup), int(chunk) or None)
+    result = run_case(case, shape, device, int(repeats), int(warmup), int(chunk) or None, divergence, tail_mode)
     print(json.dumps(result))

@@ -53,13 +53,17 @@ def bench_loss(args: argparse.Namespace) -> dict:
     import torch
 
     from kdpipe.benchmarks.loss import SHAPES, run
+    from kdpipe.losses.settings import DIVERGENCES, TAIL_MODES
 
     shapes = known_names(args.shapes, SHAPES, "--shapes")
+    divergences = known_names(args.divergences, DIVERGENCES, "--divergences")
+    tails = known_names(args.tails, TAIL_MODES, "--tails")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows, summary = run(shapes, device, args.repeats, args.warmup, args.chunk_size)
+    rows, summary = run(shapes, device, args.repeats, args.warmup, args.chunk_size, divergences, tails)
+    shown = ("shape", "divergence", "tail", "floor_s", "plain_s", "fused_s", "fused_peak_gib", "plain_peak_gib")
     print_table(
-        f"LM-head loss, forward + backward ({device}; fkl + CE, k=64)",
-        [{"shape": name, **{k: v for k, v in s.items() if k != "device"}} for name, s in summary.items()],
+        f"LM-head loss, forward + backward ({device}; divergence + CE 0.5, k from the shape)",
+        [{**{k: r[k] for k in shown}, **{k: v for k, v in r.items() if "ratio" in k}} for r in summary],
     )
     return {"loss": summary, "cases": rows}
 
@@ -85,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     loss.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
     loss.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     loss.add_argument("--chunk-size", type=int, default=None, help="fused chunk (default: ~64 MiB of logits)")
+    loss.add_argument(
+        "--divergences", default="fkl,rkl,jsd,tvd,skew_fkl,skew_rkl", help="comma-separated divergences (all)"
+    )
+    loss.add_argument("--tails", default="bucket", help="comma-separated tail modes: bucket, renormalize, ignore")
     loss.add_argument("--json", type=Path, help="also write the figures here")
     step = sub.add_parser("step", help="SFT vs KD training-step tokens/s on the same model and batches")
     step.add_argument("--models", default="demo-student,demo-teacher,smollm2-135m-shape")

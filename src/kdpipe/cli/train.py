@@ -141,6 +141,7 @@ def main() -> None:
         given = {arg.split("=", 1)[0] for arg in sys.argv[1:]}
         quiet = ("hydra.output_subdir=null", "hydra/job_logging=stdout")
         sys.argv += [override for override in quiet if override.split("=")[0] not in given]
+
     def check() -> None:  # an unknown key (and, for a sweep, any job's problem) is refused before Hydra runs
         check_overrides(args, "train")
         if {"-m", "--multirun"} & set(args):

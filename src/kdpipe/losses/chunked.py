@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kdpipe.losses.kd import sparse_kd_terms
+from kdpipe.losses.kd import bin_divergence, bin_logprobs, sparse_kd_terms
 from kdpipe.losses.settings import KDLossSettings
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk when chunk_size is not given: 64 MiB in float32
@@ -76,10 +76,12 @@ def closed_form_applies(settings: KDLossSettings, k: int, vocab: int) -> bool:
 
 
 def chunk_loss_for(settings: KDLossSettings, k: int, vocab: int, ce_op: CEOp | None = None) -> ChunkLoss:
-    """The chunk loss for these settings: the closed form where it applies, else autograd."""
+    """The chunk loss for these settings: forward KL's written-out gradient where it applies, else the bins'
+    closed form (every divergence and tail mode). :func:`autograd_chunk` is the reference the tests compare
+    them with."""
     if closed_form_applies(settings, k, vocab):
         return functools.partial(closed_form_chunk, settings=settings, ce_op=ce_op)
-    return functools.partial(autograd_chunk, settings=settings)
+    return functools.partial(bins_chunk, settings=settings)
 
 
 def _weighted(ce: torch.Tensor, div: torch.Tensor, part: Positions) -> torch.Tensor:
@@ -185,6 +187,86 @@ def closed_form_chunk(
         grad = s
     if ce_weight > 0.0:
         soft = log_sm.exp_() if log_sm is not None else (logits - lse1[:, None]).exp_()
+        soft.index_put_((rows, labels), torch.full_like(lse1, -1.0), accumulate=True)
+        soft *= w_ce[:, None]
+        grad = soft if grad is None else grad.add_(soft)
+    return ChunkTerms(_weighted(ce, div, part), grad, ce, div, kd_mask, topk_mass, top1_agree)
+
+
+def bins_chunk(logits: torch.Tensor, part: Positions, settings: KDLossSettings) -> ChunkTerms:
+    """Any divergence and tail mode, with one elementwise pass over the logits for the gradient.
+
+    Every divergence compares the teacher's bins with the student's bin log-probs ``lq``, which depend on the
+    scaled logits ``z = logits / T`` only through the top-k logits ``z_K``, the log-normaliser ``lse`` and
+    the tail log-prob ``lt = log(1 - sum_K softmax(z))`` (:func:`kdpipe.losses.kd.bin_logprobs`). So only
+    the ``[n, k + 1]`` bins go through autograd, giving ``g_K = dL/dz_K``, ``g_lse`` and ``g_t = dL/dlt``, and
+
+        dL/dz_j = s_j (g_lse - g_t) + s_j g_t / q_tail      (j outside the top-k)
+        dL/dz_j = g_K,j + s_j (g_lse - g_t)                 (j in the top-k)
+
+    with ``s = softmax(z)`` and ``q_tail = exp(lt)``: for a tail token, ``s_j / q_tail`` is its share of the
+    tail bin. TVD's ``|p - q|`` takes the subgradient 0 at a tie (``p_b = q_b``), as ``torch.abs`` does.
+    """
+    temperature, ce_weight = settings.temperature, settings.ce_weight
+    labels, kd_mask = part.labels, part.has_teacher
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    vocab, k = logits.shape[-1], part.ids.shape[-1]
+    full = k == vocab
+    ids = torch.where(kd_mask[:, None], part.ids, 0)
+    t_topk = torch.where(kd_mask[:, None], part.logprobs.to(logits.dtype), 0.0)
+    t_tail = torch.where(kd_mask, part.tail.to(logits.dtype), 0.0)
+    with torch.no_grad():
+        teacher_top1 = ids.gather(-1, t_topk.argmax(-1, keepdim=True)).squeeze(-1)
+        top1_agree = (logits.argmax(-1) == teacher_top1) & kd_mask
+        topk_mass = torch.where(kd_mask, t_topk.logsumexp(-1).exp(), 0.0)
+    w_ce = part.w_ce.to(logits.dtype)
+    lse1 = logits.logsumexp(-1) if ce_weight > 0.0 else None
+    ce = lse1 - logits[rows, labels] if ce_weight > 0.0 else torch.zeros_like(t_tail)
+    div, grad = torch.zeros_like(t_tail), None
+    if ce_weight < 1.0:
+        z = logits / temperature if temperature != 1.0 else logits
+        lse = lse1 if temperature == 1.0 and lse1 is not None else z.logsumexp(-1)
+        s = (z - lse[:, None]).exp_()  # softmax(z): becomes the gradient buffer
+        s_k = s.gather(-1, ids)
+        bucket = settings.tail == "bucket" and not full
+        log_q_tail = q_tail = None
+        if bucket:
+            q_tail = (1.0 - s_k.sum(-1)).clamp(min=0.0)
+            log_q_tail = q_tail.clamp(min=torch.finfo(q_tail.dtype).tiny).log()
+            exact = q_tail < 1e-3  # 1 - sum loses precision when the tail is tiny: recompute those rows exactly
+            if exact.any():
+                log_q_tail[exact] = z[exact].scatter(-1, ids[exact], float("-inf")).logsumexp(-1) - lse[exact]
+            q_tail = log_q_tail.exp()
+        with torch.enable_grad():
+            z_k = z.gather(-1, ids).requires_grad_(True)
+            lse_leaf = lse[:, None].clone().requires_grad_(True)
+            tail_leaf = log_q_tail[:, None].clone().requires_grad_(True) if bucket else None
+            lp, lq = bin_logprobs(t_topk, t_tail, z_k, lse_leaf, tail_leaf, settings.tail, full)
+            per_position = bin_divergence(lp, lq, settings.divergence, settings.beta)
+            if settings.scale_by_t2:
+                per_position = per_position * temperature**2
+            per_position = torch.where(kd_mask, per_position, 0.0)
+            weighted = (per_position * part.w_div.to(per_position.dtype)).sum()
+            leaves = [z_k, lse_leaf] + ([tail_leaf] if bucket else [])
+            found = torch.autograd.grad(weighted, leaves, allow_unused=True) if weighted.requires_grad else ()
+        g_k, g_lse, g_t = [*(g if g is not None else None for g in found), None, None, None][:3]
+        g_k = torch.zeros_like(s_k) if g_k is None else g_k
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse[:, 0]
+        g_t = torch.zeros_like(lse) if g_t is None else g_t[:, 0]
+        div = per_position.detach()
+        inside = g_lse - g_t  # every token's share through the normaliser
+        outside = inside + (torch.where(q_tail > 0, g_t / q_tail, 0.0) if bucket else 0.0)
+        inv_t = 1.0 / temperature  # d z / d logits
+        if temperature == 1.0 and ce_weight > 0.0:  # one softmax serves CE and the divergence
+            s *= (w_ce + outside)[:, None]
+            s.scatter_(-1, ids, s_k * (w_ce + inside)[:, None] + g_k)
+            s.index_put_((rows, labels), -w_ce, accumulate=True)
+            return ChunkTerms(_weighted(ce, div, part), s, ce, div, kd_mask, topk_mass, top1_agree)
+        s *= (outside * inv_t)[:, None]
+        s.scatter_(-1, ids, (s_k * inside[:, None] + g_k) * inv_t)
+        grad = s
+    if ce_weight > 0.0:
+        soft = (logits - lse1[:, None]).exp_()
         soft.index_put_((rows, labels), torch.full_like(lse1, -1.0), accumulate=True)
         soft *= w_ce[:, None]
         grad = soft if grad is None else grad.add_(soft)

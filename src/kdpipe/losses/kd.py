@@ -104,7 +104,7 @@ def _zero(lq: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(lq), lq, 0.0).sum(-1) * 0.0
 
 
-def _bin_divergence(lp: torch.Tensor, lq: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+def bin_divergence(lp: torch.Tensor, lq: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
     """Divergence between teacher (``lp``) and student (``lq``) log-probs over the last dim, summed over bins."""
     # bins empty on both sides contribute exactly 0: (0, 0) there makes every summand 0 with finite gradients
     dead = (lp == -math.inf) & (lq == -math.inf)
@@ -126,6 +126,18 @@ def _bin_divergence(lp: torch.Tensor, lq: torch.Tensor, divergence: str, beta: f
         return _kl_terms(lp, lq if beta == 0.0 else _mix(lp, lq, beta)).sum(-1)
     # skew_rkl
     return _kl_terms(lq, _floor(lp) if beta == 0.0 else _mix(lq, lp, beta)).sum(-1)
+
+
+def bin_logprobs(t_topk, t_tail, s_topk, lse, s_tail, tail: str, full_vocab: bool) -> tuple:
+    """Teacher and student log-probs over the bins the divergence compares: the top-k renormalised
+    (``renormalize``), the top-k alone (``ignore``, or ``k = V``), or the top-k and the tail bin (``bucket``).
+    ``s_topk`` are the student's scaled logits at the teacher's ids, ``lse`` their log-normaliser [.., 1],
+    ``s_tail`` the student's tail log-prob [.., 1] (bucket only)."""
+    if tail == "renormalize":
+        return t_topk.log_softmax(-1), s_topk.log_softmax(-1)
+    if tail == "ignore" or full_vocab:
+        return t_topk, s_topk - lse
+    return torch.cat([t_topk, t_tail.unsqueeze(-1)], -1), torch.cat([s_topk - lse, s_tail], -1)
 
 
 def _reduce(values: torch.Tensor, mask: torch.Tensor, normalize: str) -> torch.Tensor:
@@ -190,18 +202,14 @@ def sparse_kd_terms(
         z = logits / s.temperature if s.temperature != 1.0 else logits
         lse = z.logsumexp(-1, keepdim=True)
         s_topk = z.gather(-1, ids)  # student scaled logits at the teacher's ids
-        if s.tail == "renormalize":
-            lp, lq = t_topk.log_softmax(-1), s_topk.log_softmax(-1)
-        elif s.tail == "ignore" or k == vocab:
-            lp, lq = t_topk, s_topk - lse
-        else:  # bucket with a non-empty tail: the student's tail mass from its non-top-k logits, stable and exact
+        s_tail = None
+        if s.tail == "bucket" and k < vocab:  # the student's tail mass from its non-top-k logits, stable and exact
             rest = z.scatter(-1, ids, -math.inf)
             empty = rest.amax(-1, keepdim=True) == -math.inf  # e.g. the rest is -inf (masked) vocabulary entries
             rest_lse = rest.masked_fill_(empty, 0.0).logsumexp(-1, keepdim=True)  # finite gradients when empty
             s_tail = torch.where(empty, -math.inf, rest_lse) - lse
-            lp = torch.cat([t_topk, t_tail.unsqueeze(-1)], -1)
-            lq = torch.cat([s_topk - lse, s_tail], -1)
-        div = _bin_divergence(lp, lq, s.divergence, s.beta)
+        lp, lq = bin_logprobs(t_topk, t_tail, s_topk, lse, s_tail, s.tail, k == vocab)
+        div = bin_divergence(lp, lq, s.divergence, s.beta)
         if s.scale_by_t2:
             div = div * s.temperature**2
         div = torch.where(kd_mask, div, 0.0)

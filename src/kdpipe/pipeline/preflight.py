@@ -16,6 +16,7 @@ from kdpipe.data.rollouts import MANIFEST as ROLLOUT_MANIFEST
 from kdpipe.data.scorers import needs_store
 from kdpipe.data.sources import load_split
 from kdpipe.errors import PipelineConfigError
+from kdpipe.models.factory import build_tokenizer
 from kdpipe.pipeline.spec import StageSpec
 from kdpipe.store.reader import StoreError, TeacherStore
 from kdpipe.utils.dist import is_rank_zero, rank_zero_console
@@ -245,6 +246,26 @@ def output_roots(cfg: DictConfig, specs: Sequence[StageSpec], run_dir: Path) -> 
     return roots
 
 
+def check_k(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
+    """A score stage's ``k`` fits its teacher's vocabulary (the tokenizer, built as the stage will build it)."""
+    problems, sizes = [], {}
+    cache_root = Path(str(cfg.paths.log_dir)).expanduser() / "converted"
+    for spec in specs:
+        if spec.kind != "score" or spec.model not in (cfg.get("models") or {}):
+            continue
+        try:
+            k = int(spec.config.get("k", 1))
+            if spec.model not in sizes:
+                sizes[spec.model] = len(build_tokenizer(cfg.models[spec.model], cache_root))
+        except (ValueError, TypeError, OSError):
+            continue  # the range check or the model check names it
+        if k > sizes[spec.model]:
+            problems.append(
+                f"pipeline.stages.{spec.name}.k={k}: more than models.{spec.model}'s vocabulary of {sizes[spec.model]}"
+            )
+    return problems
+
+
 def check_exports(finished) -> list[str]:
     """On a resume: the export each finished training stage left (what later stages start from) is there."""
     problems = []
@@ -269,6 +290,7 @@ def preflight(cfg: DictConfig, specs: Sequence[StageSpec], run_dir: Path, finish
         verify = "full"
     for spec in specs:
         problems.extend(check_ranges(spec))
+    problems.extend(check_k(cfg, specs))
     problems.extend(check_data(cfg, specs))
     done_stores = finished.stores if finished is not None else {}
     done_rollouts = finished.rollouts if finished is not None else {}

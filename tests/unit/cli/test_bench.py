@@ -16,11 +16,18 @@ def test_store_bench_writes_its_figures(tmp_path):
 
 
 def test_loss_bench_measures_each_case_in_its_own_process(tmp_path):
-    main(["loss", "--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "loss.json")])
-    summary = json.loads((tmp_path / "loss.json").read_text())["loss"]["tiny"]
-    assert summary["peak_mem_ratio_vs_plain"] >= 0  # tiny logits may not grow the RSS high-water mark at all
-    for key in ("time_ratio_vs_plain", "time_ratio_vs_floor"):
-        assert summary[key] > 0, key
+    args = ["loss", "--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--divergences", "jsd"]
+    main([*args, "--json", str(tmp_path / "loss.json")])  # each process costs an import: keep the cases few
+    written = json.loads((tmp_path / "loss.json").read_text())
+    summary = written["loss"]
+    assert [(r["divergence"], r["tail"]) for r in summary] == [("jsd", "bucket")]
+    assert [(c["case"], c["divergence"]) for c in written["cases"]] == [
+        ("floor", None), ("plain", "jsd"), ("fused", "jsd")
+    ]  # fmt: skip
+    for row in summary:
+        assert row["peak_mem_ratio_vs_plain"] >= 0  # tiny logits may not grow the RSS high-water mark at all
+        for key in ("time_ratio_vs_plain", "time_ratio_vs_floor"):
+            assert row[key] > 0, key
 
 
 def test_step_bench_reports_kd_over_sft(tmp_path):
