@@ -25,7 +25,7 @@ class BenchArgumentError(KdpipeError, ValueError):
 def known_names(given: str, known, option: str) -> list[str]:
     """The comma-separated names of ``option``, each one of ``known``."""
     names = given.split(",")
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if name.partition("@")[0] not in known]  # a shape may end with @<tokens>
     if unknown:
         raise BenchArgumentError(f"{option}: unknown {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
     return names
