@@ -207,7 +207,7 @@ def test_optuna_sweep_runs_two_trials_in_memory(tiny_cfg, tmp_path):
     assert "shared_from" in stage(results(jobs[1]), "teacher_sft")["metrics"]
 
 
-@pytest.mark.slow  # ~27 s; make test-all (the submitit job config composes in test_cli's --cfg test)
+@pytest.mark.slow  # ~27 s of a real submitit job: make test-all
 def test_submitit_local_launcher_runs_a_job_in_its_own_process(tiny_cfg, tmp_path):
     args = tiny_cfg.args("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "pipeline.order=[sft_fast]")
     run_cli("kdpipe-train", "-m", *args, cwd=tmp_path)
