@@ -63,6 +63,11 @@ class Metric:
         return example.get("reference")
 
     def score(self, prediction: str, example: dict) -> Scored:
+        """The reply scored against the example's reference; ``Scored(None)`` when it has none."""
+        reference = self.reference_of(example)
+        return Scored(None) if reference is None else self.compare(prediction, reference)
+
+    def compare(self, prediction: str, reference: str) -> Scored:
         raise NotImplementedError
 
     def __call__(self, prediction: str, example: dict) -> float | None:
@@ -87,10 +92,7 @@ class AnswerMatch(Metric):
         reference = example.get("reference")
         return None if reference is None else self.extract(reference)
 
-    def score(self, prediction: str, example: dict) -> Scored:
-        reference = self.reference_of(example)
-        if reference is None:
-            return Scored(None)
+    def compare(self, prediction: str, reference: str) -> Scored:
         found = self.extract(prediction)
         same = found is not None and normalize_answer(found) == normalize_answer(reference)
         return Scored(float(same), found, reference)
@@ -101,10 +103,7 @@ class ReferenceMatch(Metric):
 
     name = "reference_match"
 
-    def score(self, prediction: str, example: dict) -> Scored:
-        reference = self.reference_of(example)
-        if reference is None:
-            return Scored(None)
+    def compare(self, prediction: str, reference: str) -> Scored:
         return Scored(float(normalize_answer(prediction) == normalize_answer(reference)), None, reference)
 
 
@@ -113,10 +112,7 @@ class ContainsReference(Metric):
 
     name = "contains_reference"
 
-    def score(self, prediction: str, example: dict) -> Scored:
-        reference = self.reference_of(example)
-        if reference is None:
-            return Scored(None)
+    def compare(self, prediction: str, reference: str) -> Scored:
         reply = _text(prediction)
         forms = {_text(reference.strip().rstrip(TRAILING)), normalize_answer(reference)}  # "1,000" or "1000"
         return Scored(float(any(form and form in reply for form in forms)), None, reference)

@@ -16,7 +16,7 @@ from kdpipe.errors import PipelineConfigError
 from kdpipe.eval.plan import MetricNotApplicable, plan_evaluation
 from kdpipe.models.factory import build_tokenizer
 from kdpipe.models.vocab import vocabulary_differences
-from kdpipe.pipeline.spec import StageSpec
+from kdpipe.pipeline.spec import StageSpec, stage_styles
 from kdpipe.utils.dist import rank_zero_console
 
 console = rank_zero_console()
@@ -61,9 +61,7 @@ EVALUATING_KINDS = ("sft", "kd", "eval")
 
 def eval_style(settings: DictConfig) -> str:
     """The style a stage evaluates in: ``eval.style``, else its (first) ``style``."""
-    style = settings.get("style")
-    first = style if isinstance(style, str) else (list(style or []) or ["reasoning"])[0]
-    return str(settings.eval.get("style") or first)
+    return str(settings.eval.get("style") or (stage_styles(settings) or ["reasoning"])[0])
 
 
 def check_evaluations(cfg: DictConfig, specs: Sequence[StageSpec]) -> dict[str, str]:

@@ -17,7 +17,7 @@ from kdpipe.data.scorers import needs_store
 from kdpipe.data.sources import load_split
 from kdpipe.errors import PipelineConfigError
 from kdpipe.models.factory import build_tokenizer
-from kdpipe.pipeline.spec import StageSpec
+from kdpipe.pipeline.spec import StageSpec, stage_styles
 from kdpipe.store.reader import StoreError, TeacherStore
 from kdpipe.utils.dist import is_rank_zero, rank_zero_console
 
@@ -131,11 +131,6 @@ def _produced_before(specs: Sequence[StageSpec], index: int, style: str, sequenc
     return False
 
 
-def _styles(settings: DictConfig) -> list[str]:
-    style = settings.get("style")
-    return [str(style)] if isinstance(style, str) else [str(s) for s in (style or [])]
-
-
 def open_store(path: Path, verify: str) -> str | None:
     """None if the store at ``path`` is finished and intact (``verify=full``: every shard's sha256; ``size``:
     shard files exist), else what is wrong."""
@@ -170,7 +165,7 @@ def check_stores(
                 if problem:
                     problems.append(f"pipeline.stages.{spec.name}.{setting}={given}: {problem}")
                 continue
-            styles = _styles(settings)
+            styles = stage_styles(settings)
             if len(styles) != 1:
                 continue  # the stage names this itself (one store covers one style)
             style = styles[0]
@@ -193,7 +188,7 @@ def check_stores(
                 f"earlier stage writes: put {fix} before it in pipeline.order, or {other}"
             )
         if spec.kind == "kd" and float(settings.get("onpolicy_lambda", 0.0) or 0.0) > 0:
-            style = (_styles(settings) or ["reasoning"])[0]
+            style = (stage_styles(settings) or ["reasoning"])[0]
             earlier = any(s.kind == "rollout" and str(s.config.get("style")) == style for s in specs[:index])
             if style not in has_rollouts and not earlier:
                 problems.append(

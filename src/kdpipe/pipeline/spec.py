@@ -48,6 +48,12 @@ class StageSpec:
         return f"{self.index + 1:02d}_{self.name}"
 
 
+def stage_styles(settings: DictConfig) -> list[str]:
+    """A stage's response styles (``style``: one name or a list)."""
+    style = settings.get("style")
+    return [str(style)] if isinstance(style, str) else [str(s) for s in (style or [])]
+
+
 def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, [str(o) for o in options], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from kdpipe.errors import PipelineConfigError
-from kdpipe.pipeline.spec import StageSpec
+from kdpipe.pipeline.spec import StageSpec, stage_styles
 
 
 @dataclass
@@ -41,8 +41,7 @@ class StageContext:
     @property
     def styles(self) -> list[str]:
         """The stage's response styles (``style``: one name or a list)."""
-        style = self.settings.get("style")
-        return [str(style)] if isinstance(style, str) else [str(s) for s in style]
+        return stage_styles(self.settings)
 
     def rollout_set(self, style: str) -> Path:
         """The latest rollout set of ``style`` (written by an earlier ``rollout`` stage of this run)."""
