@@ -62,7 +62,7 @@ class ChunkTerms:
     top1_agree: torch.Tensor
 
 
-ChunkLoss = Callable[[torch.Tensor, Positions], ChunkTerms]
+ChunkLoss = Callable[..., ChunkTerms]  # (logits [n, V], Positions, work=[n, V] buffer or None) -> ChunkTerms
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -88,8 +88,11 @@ def _weighted(ce: torch.Tensor, div: torch.Tensor, part: Positions) -> torch.Ten
     return (ce * part.w_ce.to(ce.dtype)).sum() + (div * part.w_div.to(div.dtype)).sum()
 
 
-def autograd_chunk(logits: torch.Tensor, part: Positions, settings: KDLossSettings) -> ChunkTerms:
-    """Any divergence and tail mode: :func:`sparse_kd_terms` on the chunk, its logit gradient by autograd."""
+def autograd_chunk(
+    logits: torch.Tensor, part: Positions, settings: KDLossSettings, work: torch.Tensor | None = None
+) -> ChunkTerms:
+    """Any divergence and tail mode: :func:`sparse_kd_terms` on the chunk, its logit gradient by autograd
+    (``work`` is not used: autograd makes its own buffers)."""
     with torch.enable_grad():
         z = logits.requires_grad_(True)
         terms = sparse_kd_terms(
@@ -108,14 +111,105 @@ def autograd_chunk(logits: torch.Tensor, part: Positions, settings: KDLossSettin
     )
 
 
+@dataclass
+class _Student:
+    """What the closed forms read from a chunk's logits, with ``exp(z - max z)`` in the work buffer.
+
+    ``z = logits / T``. ``e`` is the unnormalised softmax of ``z`` (``softmax(z) = e * inv_total``): it becomes
+    the gradient, scaled once per row, so the chunk makes no ``[n, V]`` tensor of its own.
+    """
+
+    e: torch.Tensor  # [n, V] exp(z - max z), in the work buffer
+    inv_total: torch.Tensor  # [n] 1 / sum(e)
+    lse: torch.Tensor  # [n] logsumexp(z)
+    z_k: torch.Tensor  # [n, k] z at the teacher's ids
+    s_k: torch.Tensor  # [n, k] softmax(z) at the teacher's ids
+    m: torch.Tensor  # [n] the largest raw logit
+    z_label: torch.Tensor  # [n] the raw logit of the label
+    top1_agree: torch.Tensor  # [n] bool: the teacher's top-1 is (one of) the student's largest logits
+
+
+def _student(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_top1: torch.Tensor,
+    kd_mask: torch.Tensor,
+    temperature: float,
+    work: torch.Tensor | None,
+    ce_op: CEOp | None = None,
+) -> tuple[_Student, torch.Tensor | None]:
+    """The student's side of a chunk; ``logits`` are left as they are. With ``ce_op`` (temperature 1), the op's
+    CE and log-softmax replace the max, exp and sum; its CE comes back second (else None)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    with torch.no_grad():
+        m = logits.amax(-1)
+        top1_agree = (logits.gather(-1, teacher_top1[:, None]).squeeze(-1) >= m) & kd_mask
+        z_label = logits[rows, labels]
+        z_k = logits.gather(-1, ids)
+        if ce_op is not None:  # the fused op (npu): CE and log-softmax in one call; temperature 1
+            ce, log_sm = ce_op(logits, labels)
+            e = log_sm.exp_()
+            lse, inv_total = ce + z_label, torch.ones_like(m)
+            return _Student(e, inv_total, lse, z_k, e.gather(-1, ids), m, z_label, top1_agree), ce
+        if work is None or work.shape != logits.shape or work.dtype != logits.dtype:
+            work = torch.empty_like(logits)
+        e = torch.sub(logits, m[:, None], out=work)
+        if temperature != 1.0:
+            e.div_(temperature)
+            z_k = z_k / temperature
+        e.exp_()
+        total = e.sum(-1)
+        inv_total = 1.0 / total
+        lse = m / temperature + total.log()
+        s_k = e.gather(-1, ids) * inv_total[:, None]
+    return _Student(e, inv_total, lse, z_k, s_k, m, z_label, top1_agree), None
+
+
+def _exact_tail(
+    logits: torch.Tensor, ids: torch.Tensor, st: _Student, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's tail bin ``log(1 - sum_K softmax(z))`` and its probability; ``1 - sum`` loses precision
+    when the tail is tiny, so those rows are recomputed from the logits."""
+    q_tail = (1.0 - st.s_k.sum(-1)).clamp(min=0.0)
+    log_q_tail = q_tail.clamp(min=torch.finfo(q_tail.dtype).tiny).log()
+    exact = q_tail < 1e-3
+    if exact.any():
+        z = logits[exact] / temperature if temperature != 1.0 else logits[exact]
+        log_q_tail[exact] = z.scatter(-1, ids[exact], float("-inf")).logsumexp(-1) - st.lse[exact]
+    return log_q_tail, log_q_tail.exp()
+
+
+def _add_ce_(logits: torch.Tensor, st: _Student, labels: torch.Tensor, w_ce: torch.Tensor, grad, ce_op=None):
+    """CE at temperature 1 when the divergence's softmax was at another: ``logits`` become ``w_ce`` times
+    ``softmax(logits) - onehot(label)`` in place (``ce_op``: from the fused op's log-softmax) and are added to
+    ``grad``; returns (grad, per-position CE)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    if ce_op is not None:
+        ce, log_sm = ce_op(logits, labels)
+        soft = log_sm.exp_().mul_(w_ce[:, None])
+    else:
+        soft = logits.sub_(st.m[:, None]).exp_()
+        total = soft.sum(-1)
+        ce = st.m + total.log() - st.z_label
+        soft.mul_((w_ce / total)[:, None])
+    soft.index_put_((rows, labels), -w_ce, accumulate=True)
+    return (soft if grad is None else grad.add_(soft)), ce
+
+
 def closed_form_chunk(
-    logits: torch.Tensor, part: Positions, settings: KDLossSettings, ce_op: CEOp | None = None
+    logits: torch.Tensor,
+    part: Positions,
+    settings: KDLossSettings,
+    ce_op: CEOp | None = None,
+    work: torch.Tensor | None = None,
 ) -> ChunkTerms:
     """Per-position CE and forward KL of one chunk and the gradient of their weighted sum w.r.t. the logits,
-    with no autograd graph.
+    with no autograd graph. The gradient is written into ``work`` (a buffer shaped like ``logits``, reused
+    across chunks; allocated when not given); ``logits`` may be overwritten.
 
     ``ce_op`` (the ``npu`` backend, with ``ce_weight > 0``) gives the CE and the log-softmax of the logits in one
-    fused call; they replace the logsumexp and the exp of the generic path (which runs unchanged without it).
+    fused call; they replace the max, exp and sum of the generic path (at temperature 1 its softmax serves KL).
 
     With s = softmax(z), z = logits / T, bins K (teacher top-k) and the tail, P the teacher, q the student:
     d KL(P||q) / dz_j = M s_j - P_j for j in K, and s_j (M - P_tail / q_tail) outside K, where M is the total
@@ -131,70 +225,55 @@ def closed_form_chunk(
     p = torch.where(kd_mask[:, None], t_lp.to(logits.dtype).exp(), 0.0)
     has_tail = k < vocab
     p_tail = torch.where(kd_mask & has_tail, t_tail.to(logits.dtype).exp(), 0.0)
-    with torch.no_grad():
-        teacher_top1 = ids.gather(-1, torch.where(kd_mask[:, None], t_lp, 0.0).argmax(-1, keepdim=True)).squeeze(-1)
-        top1_agree = (logits.argmax(-1) == teacher_top1) & kd_mask
-        topk_mass = torch.where(kd_mask, p.sum(-1), 0.0)
-
+    teacher_top1 = ids.gather(-1, torch.where(kd_mask[:, None], t_lp, 0.0).argmax(-1, keepdim=True)).squeeze(-1)
+    topk_mass = torch.where(kd_mask, p.sum(-1), 0.0)
     w_ce = part.w_ce.to(logits.dtype)
     ws = part.w_div.to(logits.dtype) * scale  # weight of the divergence gradient w.r.t. the logits
-    ce = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    t_kd = temperature if ce_weight < 1.0 else 1.0
+    shared = t_kd == 1.0 and ce_weight > 0.0  # one softmax serves CE and KL
+    st, op_ce = _student(logits, ids, labels, teacher_top1, kd_mask, t_kd, work, ce_op if shared else None)
+    ce = torch.zeros_like(st.lse)
+    if shared:
+        ce = op_ce if op_ce is not None else st.lse - st.z_label
     div = torch.zeros_like(ce)
-    log_sm = None  # log-softmax of the logits (temperature 1), when the fused CE op made it
-    if ce_op is not None and ce_weight > 0.0:
-        ce, log_sm = ce_op(logits, labels)
-        lse1 = ce + logits[rows, labels]  # CE = lse - z_label
-    else:
-        lse1 = logits.logsumexp(-1) if ce_weight > 0.0 else None
-        if ce_weight > 0.0:
-            ce = lse1 - logits[rows, labels]
-    grad = None
+    e, grad = st.e, None
     if ce_weight < 1.0:
-        z = logits / temperature if temperature != 1.0 else logits
-        lse = lse1 if temperature == 1.0 and lse1 is not None else z.logsumexp(-1)
-        if log_sm is not None and temperature == 1.0:  # the op's log-softmax is log softmax(z)
-            log_q = log_sm.gather(-1, ids)
-            s, log_sm = log_sm.exp_(), None  # softmax(z): becomes the gradient buffer
-        else:
-            log_q = z.gather(-1, ids) - lse[:, None]
-            s = (z - lse[:, None]).exp_()  # softmax(z): becomes the gradient buffer
-        s_k = s.gather(-1, ids)
+        log_q, s_k = st.z_k - st.lse[:, None], st.s_k
         if has_tail:
-            q_tail = (1.0 - s_k.sum(-1)).clamp(min=0.0)
-            # 1 - sum loses precision when the student's tail is tiny: recompute those rows exactly
-            exact = q_tail < 1e-3
-            log_q_tail = q_tail.clamp(min=torch.finfo(q_tail.dtype).tiny).log()
-            if exact.any():
-                zr = z[exact].scatter(-1, ids[exact], float("-inf"))
-                log_q_tail[exact] = zr.logsumexp(-1) - lse[exact]
-            tail_term = torch.where(p_tail > 0, p_tail * (t_tail.to(z.dtype) - log_q_tail), 0.0)
-            ratio = torch.where(p_tail > 0, p_tail / log_q_tail.exp(), 0.0)
+            log_q_tail, q_tail = _exact_tail(logits, ids, st, temperature)
+            tail_term = torch.where(p_tail > 0, p_tail * (t_tail.to(ce.dtype) - log_q_tail), 0.0)
+            ratio = torch.where(p_tail > 0, p_tail / q_tail, 0.0)
         else:
-            tail_term = ratio = torch.zeros_like(lse)
-        div = torch.where(p > 0, p * (t_lp.to(z.dtype) - log_q), 0.0).sum(-1) + tail_term
+            tail_term = ratio = torch.zeros_like(ce)
+        div = torch.where(p > 0, p * (t_lp.to(ce.dtype) - log_q), 0.0).sum(-1) + tail_term
         div = torch.where(kd_mask, div, 0.0)
         if settings.scale_by_t2:
             div = div * temperature**2
         # the stored bins need not sum to exactly 1 (float rounding): carry the teacher's total mass
         mass = torch.where(kd_mask, p.sum(-1) + p_tail, 0.0)
-        if temperature == 1.0 and ce_weight > 0.0:  # one softmax serves CE and KL
-            s *= (w_ce + ws * (mass - ratio))[:, None]
-            s.scatter_(-1, ids, s_k * (w_ce + ws * mass)[:, None] - ws[:, None] * p)
-            s.index_put_((rows, labels), -w_ce, accumulate=True)
-            return ChunkTerms(_weighted(ce, div, part), s, ce, div, kd_mask, topk_mass, top1_agree)
-        s *= (ws * (mass - ratio))[:, None]
-        s.scatter_(-1, ids, ws[:, None] * (s_k * mass[:, None] - p))
-        grad = s
+        if shared:
+            e.mul_(((w_ce + ws * (mass - ratio)) * st.inv_total)[:, None])
+            e.scatter_(-1, ids, s_k * (w_ce + ws * mass)[:, None] - ws[:, None] * p)
+            e.index_put_((rows, labels), -w_ce, accumulate=True)
+            return ChunkTerms(_weighted(ce, div, part), e, ce, div, kd_mask, topk_mass, st.top1_agree)
+        e.mul_((ws * (mass - ratio) * st.inv_total)[:, None])
+        e.scatter_(-1, ids, ws[:, None] * (s_k * mass[:, None] - p))
+        grad = e
     if ce_weight > 0.0:
-        soft = log_sm.exp_() if log_sm is not None else (logits - lse1[:, None]).exp_()
-        soft.index_put_((rows, labels), torch.full_like(lse1, -1.0), accumulate=True)
-        soft *= w_ce[:, None]
-        grad = soft if grad is None else grad.add_(soft)
-    return ChunkTerms(_weighted(ce, div, part), grad, ce, div, kd_mask, topk_mass, top1_agree)
+        if shared:  # CE alone: the softmax is the one made above
+            e.mul_((w_ce * st.inv_total)[:, None])
+            e.index_put_((rows, labels), -w_ce, accumulate=True)
+            grad = e
+        else:
+            grad, ce = _add_ce_(logits, st, labels, w_ce, grad, ce_op)
+    return ChunkTerms(_weighted(ce, div, part), grad, ce, div, kd_mask, topk_mass, st.top1_agree)
 
 
-def bins_chunk(logits: torch.Tensor, part: Positions, settings: KDLossSettings) -> ChunkTerms:
-    """Any divergence and tail mode, with one elementwise pass over the logits for the gradient.
+def bins_chunk(
+    logits: torch.Tensor, part: Positions, settings: KDLossSettings, work: torch.Tensor | None = None
+) -> ChunkTerms:
+    """Any divergence and tail mode, with one elementwise pass over the logits for the gradient (written into
+    ``work`` like :func:`closed_form_chunk`).
 
     Every divergence compares the teacher's bins with the student's bin log-probs ``lq``, which depend on the
     scaled logits ``z = logits / T`` only through the top-k logits ``z_K``, the log-normaliser ``lse`` and
@@ -215,31 +294,22 @@ def bins_chunk(logits: torch.Tensor, part: Positions, settings: KDLossSettings) 
     ids = torch.where(kd_mask[:, None], part.ids, 0)
     t_topk = torch.where(kd_mask[:, None], part.logprobs.to(logits.dtype), 0.0)
     t_tail = torch.where(kd_mask, part.tail.to(logits.dtype), 0.0)
-    with torch.no_grad():
-        teacher_top1 = ids.gather(-1, t_topk.argmax(-1, keepdim=True)).squeeze(-1)
-        top1_agree = (logits.argmax(-1) == teacher_top1) & kd_mask
-        topk_mass = torch.where(kd_mask, t_topk.logsumexp(-1).exp(), 0.0)
+    teacher_top1 = ids.gather(-1, t_topk.argmax(-1, keepdim=True)).squeeze(-1)
+    topk_mass = torch.where(kd_mask, t_topk.logsumexp(-1).exp(), 0.0)
     w_ce = part.w_ce.to(logits.dtype)
-    lse1 = logits.logsumexp(-1) if ce_weight > 0.0 else None
-    ce = lse1 - logits[rows, labels] if ce_weight > 0.0 else torch.zeros_like(t_tail)
-    div, grad = torch.zeros_like(t_tail), None
+    t_kd = temperature if ce_weight < 1.0 else 1.0
+    shared = t_kd == 1.0 and ce_weight > 0.0  # one softmax serves CE and the divergence
+    st, _ = _student(logits, ids, labels, teacher_top1, kd_mask, t_kd, work)
+    ce = st.lse - st.z_label if shared else torch.zeros_like(t_tail)
+    div, grad, e = torch.zeros_like(t_tail), None, st.e
     if ce_weight < 1.0:
-        z = logits / temperature if temperature != 1.0 else logits
-        lse = lse1 if temperature == 1.0 and lse1 is not None else z.logsumexp(-1)
-        s = (z - lse[:, None]).exp_()  # softmax(z): becomes the gradient buffer
-        s_k = s.gather(-1, ids)
         bucket = settings.tail == "bucket" and not full
         log_q_tail = q_tail = None
         if bucket:
-            q_tail = (1.0 - s_k.sum(-1)).clamp(min=0.0)
-            log_q_tail = q_tail.clamp(min=torch.finfo(q_tail.dtype).tiny).log()
-            exact = q_tail < 1e-3  # 1 - sum loses precision when the tail is tiny: recompute those rows exactly
-            if exact.any():
-                log_q_tail[exact] = z[exact].scatter(-1, ids[exact], float("-inf")).logsumexp(-1) - lse[exact]
-            q_tail = log_q_tail.exp()
+            log_q_tail, q_tail = _exact_tail(logits, ids, st, temperature)
         with torch.enable_grad():
-            z_k = z.gather(-1, ids).requires_grad_(True)
-            lse_leaf = lse[:, None].clone().requires_grad_(True)
+            z_k = st.z_k.clone().requires_grad_(True)
+            lse_leaf = st.lse[:, None].clone().requires_grad_(True)
             tail_leaf = log_q_tail[:, None].clone().requires_grad_(True) if bucket else None
             lp, lq = bin_logprobs(t_topk, t_tail, z_k, lse_leaf, tail_leaf, settings.tail, full)
             per_position = bin_divergence(lp, lq, settings.divergence, settings.beta)
@@ -250,27 +320,29 @@ def bins_chunk(logits: torch.Tensor, part: Positions, settings: KDLossSettings) 
             leaves = [z_k, lse_leaf] + ([tail_leaf] if bucket else [])
             found = torch.autograd.grad(weighted, leaves, allow_unused=True) if weighted.requires_grad else ()
         g_k, g_lse, g_t = [*(g if g is not None else None for g in found), None, None, None][:3]
-        g_k = torch.zeros_like(s_k) if g_k is None else g_k
-        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse[:, 0]
-        g_t = torch.zeros_like(lse) if g_t is None else g_t[:, 0]
+        g_k = torch.zeros_like(st.s_k) if g_k is None else g_k
+        g_lse = torch.zeros_like(st.lse) if g_lse is None else g_lse[:, 0]
+        g_t = torch.zeros_like(st.lse) if g_t is None else g_t[:, 0]
         div = per_position.detach()
         inside = g_lse - g_t  # every token's share through the normaliser
         outside = inside + (torch.where(q_tail > 0, g_t / q_tail, 0.0) if bucket else 0.0)
+        if shared:
+            e.mul_(((w_ce + outside) * st.inv_total)[:, None])
+            e.scatter_(-1, ids, st.s_k * (w_ce + inside)[:, None] + g_k)
+            e.index_put_((rows, labels), -w_ce, accumulate=True)
+            return ChunkTerms(_weighted(ce, div, part), e, ce, div, kd_mask, topk_mass, st.top1_agree)
         inv_t = 1.0 / temperature  # d z / d logits
-        if temperature == 1.0 and ce_weight > 0.0:  # one softmax serves CE and the divergence
-            s *= (w_ce + outside)[:, None]
-            s.scatter_(-1, ids, s_k * (w_ce + inside)[:, None] + g_k)
-            s.index_put_((rows, labels), -w_ce, accumulate=True)
-            return ChunkTerms(_weighted(ce, div, part), s, ce, div, kd_mask, topk_mass, top1_agree)
-        s *= (outside * inv_t)[:, None]
-        s.scatter_(-1, ids, (s_k * inside[:, None] + g_k) * inv_t)
-        grad = s
+        e.mul_((outside * inv_t * st.inv_total)[:, None])
+        e.scatter_(-1, ids, (st.s_k * inside[:, None] + g_k) * inv_t)
+        grad = e
     if ce_weight > 0.0:
-        soft = (logits - lse1[:, None]).exp_()
-        soft.index_put_((rows, labels), torch.full_like(lse1, -1.0), accumulate=True)
-        soft *= w_ce[:, None]
-        grad = soft if grad is None else grad.add_(soft)
-    return ChunkTerms(_weighted(ce, div, part), grad, ce, div, kd_mask, topk_mass, top1_agree)
+        if shared:  # CE alone
+            e.mul_((w_ce * st.inv_total)[:, None])
+            e.index_put_((rows, labels), -w_ce, accumulate=True)
+            grad = e
+        else:
+            grad, ce = _add_ce_(logits, st, labels, w_ce, grad)
+    return ChunkTerms(_weighted(ce, div, part), grad, ce, div, kd_mask, topk_mass, st.top1_agree)
 
 
 def _accumulate(dz, h, w_mat, start, stop, grad_h, grad_w, grad_b, hidden) -> None:
@@ -298,14 +370,20 @@ class _Chunked(torch.autograd.Function):
         total = torch.zeros((), dtype=compute, device=hidden.device)
         w_mat = weight.to(compute)
         b_vec = bias.to(compute) if bias is not None else None
+        # two [chunk, V] buffers for the whole call: the logits and the gradient the chunk loss writes. Reused
+        # chunk after chunk: a fresh 64 MiB tensor per chunk costs more in page faults than the exp over it
+        rows = min(chunk, hidden.shape[0])
+        logits_buf = torch.empty(rows, weight.shape[0], dtype=compute, device=hidden.device)
+        work_buf = torch.empty_like(logits_buf)
         for start in range(0, hidden.shape[0], chunk):
             stop = min(start + chunk, hidden.shape[0])
             h = hidden[start:stop].to(compute)
+            logits = logits_buf[: stop - start]
             with torch.autocast(device_type=hidden.device.type, enabled=False):
-                logits = h @ w_mat.t()
+                torch.mm(h, w_mat.t(), out=logits)
                 if b_vec is not None:
-                    logits = logits + b_vec
-            terms = chunk_loss(logits, positions[start:stop])
+                    logits.add_(b_vec)
+            terms = chunk_loss(logits, positions[start:stop], work=work_buf[: stop - start])
             del logits
             _accumulate(terms.grad, h, w_mat, start, stop, grad_h, grad_w, grad_b, hidden)
             total += terms.loss
