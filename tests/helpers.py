@@ -186,9 +186,9 @@ def fake_teacher_rows(example, vocab: int, seed: int):
     return topk_signal(logprobs, labels, STORE_K)
 
 
-def write_store(path, tokenizer, examples, shard_size: int = 4):
+def write_store(path, tokenizer, examples, shard_size: int = 4, scheme: str = codec.DEFAULT_SCHEME):
     """A complete teacher store of :func:`fake_teacher_rows` for ``examples``; returns (codec spec, rows)."""
-    spec = codec.make_spec(len(tokenizer), STORE_K)
+    spec = codec.make_spec(len(tokenizer), STORE_K, scheme=scheme)
     meta = {
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": data_fingerprint(examples),

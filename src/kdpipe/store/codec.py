@@ -1,48 +1,11 @@
-"""Teacher-store codec: exact top-k token ids, 7-bit companded log-probs, float16 tail and label log-probs.
+"""Teacher-store codecs: the spec a manifest records, and the calls the writer and the reader make.
 
-Scheme ``rowmax-pow4-v1``. Per position (row) the codec keeps the largest top-k log-prob ``m`` as float16 and
-codes every top-k entry relative to it: ``x = lp - m <= 0``, ``u = exp(x / 4) = (p / p_max) ** (1/4)`` in
-``(0, 1]``, ``code = clamp(round(u * L), 1, L)`` with ``L = 2**b - 1`` (``b = logprob_bits``, default 7). Code 0
-is reserved for zero mass: entries whose probability underflows float64 (``-inf``, ``finfo.min`` masking, any
-``lp < -745``) decode to ``-inf``; every other entry decodes finite, so ``KL(P || decoded)`` stays finite.
-Decoding is a table look-up, ``m + 4 * log(code / L)``, then all k+1 bins (top-k and tail) are renormalised
-together so the decoded top-k mass plus tail mass is 1. The order of entries is kept; sorting is not required.
-
-Arrays (plain dtypes, ready for safetensors; every array is row-aligned, first dimension N, so rows ``[a:b]`` of
-(memory-mapped) arrays decode on their own):
-
-===========  ======================  =====================================================================
-key          shape, dtype            content
-===========  ======================  =====================================================================
-``ids``      [N, k] uint8            ``V <= 256``
-             [N, k] uint16           ``V <= 65536``
-             [N, k, 3] uint8         ``"uint24"``, ``V <= 2**24``: little-endian, ``id = b0 | b1<<8 | b2<<16``
-             [N, k] uint32           larger vocabularies
-``codes``    [N, ceil(k/8)*b] uint8  b-bit codes, 8 codes per b bytes: code j of a group sits at bits
-                                     ``[j*b, (j+1)*b)`` of the group's little-endian 8b-bit integer; k is
-                                     padded to a multiple of 8 with code 0
-``rowmax``   [N] float16             the row's largest top-k log-prob
-``tail``     [N] float16             ``tail_logprob`` as given (``-inf`` when the top-k holds all mass)
-``label``    [N] float16             ``label_logprob`` as given
-===========  ======================  =====================================================================
-
-Bytes per position: ``k * id_bytes + ceil(k/8) * b + 6``. At k=64, b=7: V=49152 (uint16) 128 + 56 + 6 = 190 bytes,
-2.969 bytes per top-k entry; V<=256 1.969; V=153376 (uint24) 3.969.
-
-Why fourth-root companding: a log-prob error at entry i costs KL in proportion to ``p_i``, so levels belong near
-the row's top and may thin out as ``p / p_max`` falls; ``u = (p / p_max) ** (1/4)`` is close to the optimal level
-density for that weighting (the 1/3 power is the textbook optimum; 1/4 measured slightly better and its lowest
-level, ``x = 4 * log(1/127) = -19.4`` nats, is deeper). Relative to the row maximum, one float16 per row is the
-only side information and decoding needs no per-row arithmetic besides one add.
-
-Measured on synthetic teachers (randn logits * s plus up to 3 boosted tokens, and Zipf-like logits;
-s in {1, 3, 8}; V in {100, 49152, 153376}; k = 64), KL(P_float32 || P_decoded) over the k+1 bins, float64:
-mean per case <= 1.1e-4 nats, max over all positions 1.8e-4 nats (bound asked for: mean <= 1e-3). Alternatives at
-7 bits (bytes/entry at V=49152 k=64; worst per-case mean KL; max KL): linear in log-prob over the row's [min, max]
-(two float16 per row) 3.000, 1.1e-4, 1.7e-3; sqrt(-x) over the row's range 3.000, 7.9e-5, 2.3e-4; fourth root
-over the row's range 3.000, 5.7e-5, 1.3e-4; linear over a fixed 16-nat window 2.969, 4.7e-4, 8.9e-4; square root
-(p**(1/2)) 2.969, 3.3e-3, 3.9e-3. 8-bit codes cannot meet 3.0 bytes/entry with uint16 ids (2 + 1 bytes before
-any per-row field); with ``logprob_bits=8`` this scheme measures about 4x less KL at 3.094 bytes/entry.
+Two schemes: ``sorted-ans-v2`` (:mod:`kdpipe.store.codec_v2`, the default for new stores: entropy-coded, about
+1.7 bytes per top-k entry on a real LM at k=64) and ``rowmax-pow4-v1`` (:mod:`kdpipe.store.codec_v1`: fixed-width,
+row-aligned, about 3 bytes; every v1 store stays readable, and ``make_spec(..., scheme=codec_v1.SCHEME)`` still
+writes one). The writer calls :func:`prepare` per example (checks the input and quantises it) and
+:func:`encode_shard` once a shard is full; the reader opens each shard with :func:`open_shard` and decodes the
+rows of any examples with :func:`decode`.
 """
 
 from __future__ import annotations
@@ -54,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-SCHEME = "rowmax-pow4-v1"
-DEFAULT_LOGPROB_BITS = 7
-ARRAY_KEYS = ("ids", "codes", "rowmax", "tail", "label")
+from kdpipe.store import codec_v1, codec_v2
+from kdpipe.store.codec_v1 import as_numpy
 
-_ROOT = 4.0  # companding exponent: u = (p / p_max) ** (1 / _ROOT)
-_MIN_BITS, _MAX_BITS = 4, 8
-_F16_MAX = float(np.finfo(np.float16).max)
-# bytes per id and the exclusive upper bound of ids each layout holds
-_ID_LAYOUTS = {"uint8": (1, 1 << 8), "uint16": (2, 1 << 16), "uint24": (3, 1 << 24), "uint32": (4, 1 << 32)}
+DEFAULT_SCHEME = codec_v2.SCHEME
+SCHEMES = (codec_v1.SCHEME, codec_v2.SCHEME)
+_FIELDS = {  # the spec keys each scheme records, besides vocab_size, k and scheme
+    codec_v1.SCHEME: ("id_dtype", "logprob_bits"),
+    codec_v2.SCHEME: ("step",),
+}
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -73,70 +36,65 @@ class CodecSpec:
 
     vocab_size: int
     k: int
-    id_dtype: str
-    logprob_bits: int
-    scheme: str
+    scheme: str = DEFAULT_SCHEME
+    id_dtype: str | None = None  # v1: the id layout
+    logprob_bits: int | None = None  # v1: bits per log-prob code
+    step: float | None = None  # v2: the sqrt(p) quantiser step
 
     def __post_init__(self) -> None:
         if self.vocab_size < 1 or not 1 <= self.k <= self.vocab_size:
             raise ValueError(f"need 1 <= k <= vocab_size, got k={self.k}, vocab_size={self.vocab_size}")
-        if self.id_dtype not in _ID_LAYOUTS:
-            raise ValueError(f"unknown id_dtype {self.id_dtype!r}; one of {sorted(_ID_LAYOUTS)}")
-        if self.vocab_size > _ID_LAYOUTS[self.id_dtype][1]:
-            raise ValueError(f"id_dtype {self.id_dtype} cannot hold vocab_size {self.vocab_size}")
-        if not _MIN_BITS <= self.logprob_bits <= _MAX_BITS:
-            raise ValueError(f"logprob_bits must be in [{_MIN_BITS}, {_MAX_BITS}], got {self.logprob_bits}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unsupported codec scheme {self.scheme!r}; this reader knows {list(SCHEMES)}")
+        unset = [f for f in _FIELDS[self.scheme] if getattr(self, f) is None]
+        foreign = [f for s, fs in _FIELDS.items() if s != self.scheme for f in fs if getattr(self, f) is not None]
+        if unset or foreign:
+            raise ValueError(f"codec {self.scheme} needs {list(_FIELDS[self.scheme])} and no {foreign}; unset: {unset}")
+        if self.scheme == codec_v1.SCHEME:
+            codec_v1.check_layout(self.vocab_size, self.id_dtype, self.logprob_bits)
+        elif not 0.0 < self.step < 0.5:
+            raise ValueError(f"codec step must be in (0, 0.5), got {self.step}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CodecSpec:
-        names = [f.name for f in dataclasses.fields(cls)]
+        scheme = d.get("scheme")
+        if scheme not in _FIELDS:
+            raise ValueError(f"unsupported codec scheme {scheme!r}; this reader knows {list(SCHEMES)}")
+        names = ["vocab_size", "k", "scheme", *_FIELDS[scheme]]
         if set(d) != set(names):
-            raise ValueError(f"codec spec needs exactly the keys {names}, got {sorted(d)}")
-        return cls(
-            vocab_size=int(d["vocab_size"]),
-            k=int(d["k"]),
-            id_dtype=str(d["id_dtype"]),
-            logprob_bits=int(d["logprob_bits"]),
-            scheme=str(d["scheme"]),
-        )
+            raise ValueError(f"codec spec {scheme} needs exactly the keys {names}, got {sorted(d)}")
+        cast = {"vocab_size": int, "k": int, "scheme": str, "id_dtype": str, "logprob_bits": int, "step": float}
+        return cls(**{key: cast[key](d[key]) for key in names})
 
 
-def id_dtype_for(vocab_size: int) -> str:
-    """The narrowest id layout that holds every id of a vocabulary."""
-    for name, (_, bound) in _ID_LAYOUTS.items():
-        if vocab_size <= bound:
-            return name
-    raise ValueError(f"vocab_size {vocab_size} does not fit 32-bit ids")
+def make_spec(
+    vocab_size: int,
+    k: int,
+    scheme: str = DEFAULT_SCHEME,
+    logprob_bits: int = codec_v1.DEFAULT_LOGPROB_BITS,
+    step: float = codec_v2.DEFAULT_STEP,
+) -> CodecSpec:
+    """The spec for a vocabulary and top-k under ``scheme`` (v1: narrowest ids, ``logprob_bits``-bit codes)."""
+    if scheme == codec_v1.SCHEME:
+        return CodecSpec(int(vocab_size), int(k), scheme, codec_v1.id_dtype_for(int(vocab_size)), int(logprob_bits))
+    return CodecSpec(int(vocab_size), int(k), scheme, step=float(step))
 
 
-def make_spec(vocab_size: int, k: int, logprob_bits: int = DEFAULT_LOGPROB_BITS) -> CodecSpec:
-    """The spec for a vocabulary and top-k: narrowest ids, ``logprob_bits``-bit codes, the current scheme."""
-    return CodecSpec(int(vocab_size), int(k), id_dtype_for(int(vocab_size)), int(logprob_bits), SCHEME)
+# --- writing -------------------------------------------------------------------------------------------------------
 
 
-def nbytes_per_position(spec: CodecSpec) -> int:
-    """Bytes :func:`encode` emits per position (divide by ``spec.k`` for bytes per top-k entry)."""
-    return spec.k * _ID_LAYOUTS[spec.id_dtype][0] + _n_groups(spec.k) * spec.logprob_bits + 3 * 2
-
-
-def encoded_nbytes(arrays: dict[str, ArrayLike]) -> int:
-    """Total bytes of an encoded dict (everything the codec emits)."""
-    return int(sum(_np(a).nbytes for a in arrays.values()))
-
-
-def encode(
+def prepare(
     spec: CodecSpec, topk_ids: ArrayLike, topk_logprobs: ArrayLike, tail_logprob: ArrayLike, label_logprob: ArrayLike
 ) -> dict[str, np.ndarray]:
-    """Encode N positions: ids [N, k], log-probs [N, k], tail [N], label [N] (torch or numpy) into compact arrays.
+    """One example's rows (ids [N, k], log-probs [N, k], tail [N], label [N]; torch or numpy), checked and
+    quantised, for :func:`encode_shard`.
 
     Raises ValueError on NaN or +inf in any log-prob, ids outside ``[0, vocab_size)``, or wrong shapes.
     """
-    _check_scheme(spec)
-    ids, lp = _np(topk_ids), _np(topk_logprobs).astype(np.float32, copy=False)
-    tail, label = _np(tail_logprob).astype(np.float32, copy=False), _np(label_logprob).astype(np.float32, copy=False)
+    ids, lp, tail, label = (as_numpy(a) for a in (topk_ids, topk_logprobs, tail_logprob, label_logprob))
     n = lp.shape[0] if lp.ndim == 2 else -1
     if ids.ndim != 2 or ids.shape != lp.shape or lp.shape[1] != spec.k or tail.shape != (n,) or label.shape != (n,):
         raise ValueError(
@@ -150,57 +108,95 @@ def encode(
     for name, a in (("topk_logprobs", lp), ("tail_logprob", tail), ("label_logprob", label)):
         if np.isnan(a).any() or np.isposinf(a).any():
             raise ValueError(f"{name} holds NaN or +inf")
-
-    zero = np.exp(lp.astype(np.float64)) == 0.0  # zero mass (in float64): code 0, decodes to -inf
-    rowmax = _f16(lp.max(axis=1, initial=-np.inf))
-    with np.errstate(invalid="ignore"):
-        x = np.minimum(lp - rowmax.astype(np.float32)[:, None], 0.0)
-    x[zero] = 0.0
-    levels = (1 << spec.logprob_bits) - 1
-    codes = np.clip(np.rint(np.exp(x / np.float32(_ROOT)) * levels), 1, levels).astype(np.uint8)
-    codes[zero] = 0
-    return {
-        "ids": _pack_ids(ids, spec.id_dtype),
-        "codes": _pack_codes(codes, spec.logprob_bits),
-        "rowmax": rowmax,
-        "tail": _f16(tail),
-        "label": _f16(label),
-    }
+    if spec.scheme == codec_v1.SCHEME:
+        return codec_v1.encode(spec, ids, lp, tail, label)
+    return codec_v2.prepare(spec.vocab_size, spec.k, spec.step, ids, lp, tail, label)
 
 
-def decode(
-    spec: CodecSpec, arrays: dict[str, ArrayLike]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode (any row slice of) encoded arrays to ids int64 [N, k], log-probs f32 [N, k], tail f32 [N], label f32 [N].
+def encode_shard(spec: CodecSpec, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A shard's arrays from its examples' :func:`prepare` output, in order; ``offsets`` [E + 1] gives each
+    example's rows."""
+    if spec.scheme == codec_v2.SCHEME:
+        return codec_v2.encode_shard(spec.vocab_size, spec.k, spec.step, parts)
+    lengths = [len(p["label"]) for p in parts]
+    arrays = {key: np.concatenate([p[key] for p in parts], axis=0) for key in codec_v1.ARRAY_KEYS}
+    return {**arrays, "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
 
-    Top-k log-probs and tail come back renormalised together (their probabilities sum to 1); the label log-prob
-    comes back as stored (float16 precision).
-    """
-    _check_scheme(spec)
-    missing = [key for key in ARRAY_KEYS if key not in arrays]
-    if missing:
-        raise ValueError(f"encoded arrays lack {missing}")
-    packed_ids, packed_codes = _np(arrays["ids"]), _np(arrays["codes"])
-    rowmax, tail, label = (_np(arrays[key]) for key in ("rowmax", "tail", "label"))
-    n = rowmax.shape[0] if rowmax.ndim == 1 else -1
-    id_shape = (n, spec.k, 3) if spec.id_dtype == "uint24" else (n, spec.k)
-    if (
-        packed_ids.shape != id_shape
-        or packed_codes.shape != (n, _n_groups(spec.k) * spec.logprob_bits)
-        or packed_codes.dtype != np.uint8
-        or tail.shape != (n,)
-        or label.shape != (n,)
-    ):
-        shapes = {key: _np(a).shape for key, a in arrays.items()}
-        raise ValueError(f"encoded arrays do not match {spec}: {shapes}")
 
-    ids = torch.from_numpy(_unpack_ids(packed_ids, spec.id_dtype))
-    codes = _unpack_codes(packed_codes, spec.logprob_bits, spec.k)
-    lp = torch.from_numpy(rowmax.astype(np.float32)[:, None] + _code_table(spec.logprob_bits)[codes])
-    tail_t = torch.from_numpy(tail.astype(np.float32))
-    lse = torch.logsumexp(torch.cat([lp, tail_t[:, None]], dim=1), dim=1)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # a row with no mass at all stays as is
-    return ids, lp - lse[:, None], tail_t - lse, torch.from_numpy(label.astype(np.float32))
+# --- reading -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedRows:
+    """The still-encoded rows of one example, with what decoding them needs from their shard."""
+
+    arrays: dict[str, np.ndarray]
+    rows: int
+    models: Any = None  # v2: the shard's entropy models
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(np.asarray(a).nbytes for a in self.arrays.values()))
+
+
+class Shard:
+    """One shard file opened for reading (a ``safetensors`` handle): its offsets and models, loaded once."""
+
+    def __init__(self, spec: CodecSpec, handle) -> None:
+        self.spec, self.handle = spec, handle
+        self.offsets = handle.get_tensor("offsets")
+        self.models = None
+        if spec.scheme == codec_v2.SCHEME:
+            self.stream_offsets = handle.get_tensor("stream_offsets")
+            self.models = codec_v2.load_models({key: handle.get_tensor(key) for key in codec_v2.MODEL_KEYS})
+
+    def rows(self, local: int) -> EncodedRows:
+        """The encoded rows of the shard's example number ``local`` (sliced from the memory-mapped file)."""
+        start, stop = (int(x) for x in self.offsets[local : local + 2])
+        if self.spec.scheme == codec_v2.SCHEME:
+            a, b = (int(x) for x in self.stream_offsets[local : local + 2])
+            arrays = {
+                "stream": self.handle.get_slice("stream")[a:b],
+                "label": self.handle.get_slice("label")[start:stop],
+            }
+            return EncodedRows(arrays, stop - start, self.models)
+        return EncodedRows({key: self.handle.get_slice(key)[start:stop] for key in codec_v1.ARRAY_KEYS}, stop - start)
+
+
+def open_shard(spec: CodecSpec, handle) -> Shard:
+    return Shard(spec, handle)
+
+
+def decode(spec: CodecSpec, parts: list[EncodedRows]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of several examples, concatenated in order: ids int64 [N, k], log-probs f32 [N, k], tail f32
+    [N], label f32 [N]. Top-k and tail come back renormalised together; the label log-prob as stored (float16).
+    v2 gives each row's entries by decreasing probability, v1 in the order they were written."""
+    if spec.scheme == codec_v1.SCHEME:
+        if not parts:
+            return codec_v1.decode(spec, {key: _empty_v1(spec, key) for key in codec_v1.ARRAY_KEYS})
+        return codec_v1.decode(
+            spec, {key: np.concatenate([p.arrays[key] for p in parts]) for key in codec_v1.ARRAY_KEYS}
+        )
+    decoded = [
+        codec_v2.decode_example(spec.vocab_size, spec.k, spec.step, p.models, p.arrays["stream"], p.rows) for p in parts
+    ]
+    k = spec.k
+    ids = np.concatenate([d[0] for d in decoded]) if decoded else np.zeros((0, k), np.int64)
+    codes = np.concatenate([d[1] for d in decoded]) if decoded else np.zeros((0, k), np.int64)
+    tail = np.concatenate([d[2] for d in decoded]) if decoded else np.zeros(0, np.int64)
+    label = np.concatenate([p.arrays["label"] for p in parts]) if parts else np.zeros(0, np.float16)
+    return codec_v2.values(spec.step, ids, codes, tail, label)
+
+
+def round_trip(spec: CodecSpec, topk_ids, topk_logprobs, tail_logprob, label_logprob):
+    """Encode one example as a one-example shard and decode it: what a store would give back."""
+    arrays = encode_shard(spec, [prepare(spec, topk_ids, topk_logprobs, tail_logprob, label_logprob)])
+    return decode(spec, [open_shard(spec, _Arrays(arrays)).rows(0)])
+
+
+def encoded_nbytes(arrays: dict[str, ArrayLike]) -> int:
+    """Total bytes of a dict of encoded arrays."""
+    return int(sum(as_numpy(a).nbytes for a in arrays.values()))
 
 
 def kl_error(
@@ -209,7 +205,9 @@ def kl_error(
     """Per-position KL(P || Q) in nats over the k+1 bins (top-k + tail), float64; P is the original, Q the decoded.
 
     Both sides are renormalised over their k+1 bins first; bins where P has no mass contribute 0, a bin where P has
-    mass and Q has none makes the KL infinite.
+    mass and Q has none makes the KL infinite. The bins are compared as sets: pass both with the same entry order
+    (v2 decodes by decreasing probability: compare against the original sorted the same way, e.g. by
+    :func:`align`).
     """
     log_p = _log_bins(topk_logprobs, tail_logprob)
     log_q = _log_bins(decoded_logprobs, decoded_tail)
@@ -218,86 +216,38 @@ def kl_error(
     return terms.sum(dim=1)
 
 
+def align(ids: ArrayLike, values: ArrayLike, decoded_ids: ArrayLike) -> torch.Tensor:
+    """``values`` [N, k] (per entry of ``ids``) reordered to the entry order of ``decoded_ids`` (same id sets)."""
+    ids_t, values_t, dec_t = (torch.as_tensor(as_numpy(a)) for a in (ids, values, decoded_ids))
+    order = ids_t.argsort(dim=1)
+    where = torch.searchsorted(ids_t.gather(1, order).contiguous(), dec_t.contiguous())
+    return values_t.gather(1, order.gather(1, where))
+
+
 # --- helpers -------------------------------------------------------------------------------------------------------
 
 
-def _check_scheme(spec: CodecSpec) -> None:
-    if spec.scheme != SCHEME:
-        raise ValueError(f"unsupported codec scheme {spec.scheme!r}; this reader knows {SCHEME!r}")
+class _Arrays:
+    """An in-memory stand-in for a ``safetensors`` handle (``get_tensor``, ``get_slice``)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+
+    def get_tensor(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    def get_slice(self, key: str) -> np.ndarray:
+        return self.arrays[key]
 
 
-def _np(a: ArrayLike) -> np.ndarray:
-    """A numpy view of a torch tensor (bf16/f16 widened to float32) or numpy array."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu()
-        if a.is_floating_point() and a.dtype not in (torch.float32, torch.float64):
-            a = a.float()
-        return a.numpy()
-    return np.asarray(a)
-
-
-def _f16(a: np.ndarray) -> np.ndarray:
-    """float16 without overflow warnings: below the float16 range is zero mass (-inf), above it saturates."""
-    out = np.clip(a, -_F16_MAX, _F16_MAX).astype(np.float16)
-    out[a < -_F16_MAX] = -np.inf
-    return out
-
-
-def _n_groups(k: int) -> int:
-    return -(-k // 8)
-
-
-def _pack_ids(ids: np.ndarray, id_dtype: str) -> np.ndarray:
-    if id_dtype != "uint24":
-        return np.ascontiguousarray(ids.astype(id_dtype))
-    n, k = ids.shape
-    return np.ascontiguousarray(ids.astype("<u4").view(np.uint8).reshape(n, k, 4)[:, :, :3])
-
-
-def _unpack_ids(packed: np.ndarray, id_dtype: str) -> np.ndarray:
-    if id_dtype != "uint24":
-        return packed.astype(np.int64)
-    n, k, _ = packed.shape
-    wide = np.zeros((n, k, 4), np.uint8)
-    wide[:, :, :3] = packed
-    return wide.view("<u4")[:, :, 0].astype(np.int64)
-
-
-_SHIFT_UNIT = np.arange(8, dtype=np.uint64)
-
-
-def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """[N, k] uint8 codes (< 2**bits) -> [N, ceil(k/8) * bits] uint8, 8 codes per ``bits`` bytes."""
-    n, k = codes.shape
-    g = _n_groups(k)
-    grouped = np.zeros((n, g * 8), np.uint64)
-    grouped[:, :k] = codes
-    words = (grouped.reshape(n, g, 8) << (_SHIFT_UNIT * np.uint64(bits))).sum(axis=2, dtype=np.uint64)
-    return np.ascontiguousarray(words.astype("<u8").view(np.uint8).reshape(n, g, 8)[:, :, :bits].reshape(n, g * bits))
-
-
-def _unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
-    n, g = packed.shape[0], _n_groups(k)
-    wide = np.zeros((n, g, 8), np.uint8)
-    wide[:, :, :bits] = packed.reshape(n, g, bits)
-    words = wide.view("<u8")  # [N, g, 1]
-    codes = (words >> (_SHIFT_UNIT * np.uint64(bits))) & np.uint64((1 << bits) - 1)
-    return codes.reshape(n, g * 8)[:, :k].astype(np.intp)
-
-
-_TABLES: dict[int, np.ndarray] = {}
-
-
-def _code_table(bits: int) -> np.ndarray:
-    """Decoded offset from the row maximum for each code: ``4 * log(code / L)``, code 0 -> -inf."""
-    if bits not in _TABLES:
-        levels = (1 << bits) - 1
-        with np.errstate(divide="ignore"):
-            _TABLES[bits] = (_ROOT * np.log(np.arange(levels + 1, dtype=np.float64) / levels)).astype(np.float32)
-    return _TABLES[bits]
+def _empty_v1(spec: CodecSpec, key: str) -> np.ndarray:
+    arrays = codec_v1.encode(spec, np.zeros((0, spec.k), np.int64), np.zeros((0, spec.k)), np.zeros(0), np.zeros(0))
+    return arrays[key]
 
 
 def _log_bins(topk: ArrayLike, tail: ArrayLike) -> torch.Tensor:
-    bins = torch.cat([torch.as_tensor(_np(topk)).double(), torch.as_tensor(_np(tail)).double()[:, None]], dim=1)
+    bins = torch.cat(
+        [torch.as_tensor(as_numpy(topk)).double(), torch.as_tensor(as_numpy(tail)).double()[:, None]], dim=1
+    )
     lse = torch.logsumexp(bins, dim=1, keepdim=True)
     return bins - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))

@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
@@ -21,7 +20,7 @@ from kdpipe import errors
 from kdpipe.models.fingerprint import tokenizer_fingerprint
 from kdpipe.store import codec
 from kdpipe.store.fingerprint import example_token_hash
-from kdpipe.store.writer import FORMAT, MANIFEST, VERSION
+from kdpipe.store.writer import FORMAT, MANIFEST, READABLE_VERSIONS
 from kdpipe.types import EncodedExample
 from kdpipe.utils.io import read_json, sha256_file
 
@@ -52,16 +51,18 @@ class TeacherStore:
             self.manifest = read_json(manifest_path)
         except (ValueError, OSError) as err:
             raise StoreError(f"{manifest_path} cannot be read ({err}): the store is damaged") from err
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") not in READABLE_VERSIONS:
             raise StoreError(
                 f"{manifest_path}: format {self.manifest.get('format')!r} v{self.manifest.get('version')}, "
-                f"expected {FORMAT!r} v{VERSION}"
+                f"expected {FORMAT!r} v{' or v'.join(map(str, READABLE_VERSIONS))}"
             )
-        self.spec = codec.CodecSpec.from_dict(self.manifest["codec"])
+        try:
+            self.spec = codec.CodecSpec.from_dict(self.manifest["codec"])
+        except (KeyError, ValueError) as err:
+            raise StoreError(f"{manifest_path}: codec {self.manifest.get('codec')!r} cannot be read ({err})") from err
         self.verify = verify
         self._verified: set[int] = set()
-        self._handles: dict[int, object] = {}
-        self._offsets: dict[int, torch.Tensor] = {}
+        self._shards: dict[int, codec.Shard] = {}
         self.index: dict[str, tuple[int, int]] = {}
         self.token_hashes: dict[str, str] = {}
         for shard_idx, shard in enumerate(self.manifest["shards"]):
@@ -105,43 +106,37 @@ class TeacherStore:
     def __contains__(self, example_id: str) -> bool:
         return example_id in self.index
 
-    def _open(self, shard_idx: int):
-        if shard_idx not in self._handles:
+    def _open(self, shard_idx: int) -> codec.Shard:
+        if shard_idx not in self._shards:
             shard = self.manifest["shards"][shard_idx]
             file = self.path / shard["file"]
             if self.verify and shard_idx not in self._verified:
                 if sha256_file(file) != shard["sha256"]:
                     raise StoreError(f"teacher store {self.path}: checksum mismatch in shard {shard['file']}")
                 self._verified.add(shard_idx)
-            self._handles[shard_idx] = safe_open(str(file), framework="np")
-            self._offsets[shard_idx] = torch.from_numpy(self._handles[shard_idx].get_tensor("offsets"))
-        return self._handles[shard_idx]
+            self._shards[shard_idx] = codec.open_shard(self.spec, safe_open(str(file), framework="np"))
+        return self._shards[shard_idx]
 
     def verify_all(self) -> None:
         """Check every shard's checksum now (instead of on first read)."""
         for shard_idx in range(len(self.manifest["shards"])):
             self._open(shard_idx)
 
-    def encoded_rows(self, example_id: str) -> dict[str, np.ndarray]:
+    def encoded_rows(self, example_id: str) -> codec.EncodedRows:
         """The still-encoded rows of one example (sliced from the memory-mapped shard)."""
         if example_id not in self.index:
             raise StoreError(f"teacher store {self.path} has no example {example_id!r}")
         shard_idx, local = self.index[example_id]
-        handle = self._open(shard_idx)
-        start, stop = (int(x) for x in self._offsets[shard_idx][local : local + 2])
-        names = [n for n in handle.keys() if n != "offsets"]  # noqa: SIM118 (safe_open has no __iter__)
-        return {name: handle.get_slice(name)[start:stop] for name in names}
+        return self._open(shard_idx).rows(local)
 
     def get(self, example_id: str) -> TeacherRows:
         """The teacher rows of one example."""
-        return TeacherRows(*codec.decode(self.spec, self.encoded_rows(example_id)))
+        return TeacherRows(*codec.decode(self.spec, [self.encoded_rows(example_id)]))
 
     def get_many(self, example_ids: list[str]) -> tuple[TeacherRows, list[int]]:
-        """The rows of several examples, concatenated in order and decoded at once, and each one's row count."""
+        """The rows of several examples, concatenated in order, and each one's row count."""
         parts = [self.encoded_rows(example_id) for example_id in example_ids]
-        counts = [len(next(iter(p.values()))) for p in parts]
-        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-        return TeacherRows(*codec.decode(self.spec, arrays)), counts
+        return TeacherRows(*codec.decode(self.spec, parts)), [p.rows for p in parts]
 
     def check_compatible(self, tokenizer: PreTrainedTokenizerBase, examples: list[EncodedExample]) -> None:
         """Refuse a store made with another tokenizer, or on other token sequences than ``examples``."""
@@ -183,12 +178,12 @@ class StoreUnion:
             raise StoreError("a store union needs at least one store")
         first = stores[0]
         for store in stores[1:]:
-            if store.spec != first.spec:
+            if (store.spec.k, store.spec.vocab_size) != (first.spec.k, first.spec.vocab_size):
                 raise StoreError(
-                    f"teacher stores {first.path} and {store.path} were encoded differently "
+                    f"teacher stores {first.path} and {store.path} hold different signals "
                     f"(k={first.k} vs k={store.k}, or another vocabulary): they cannot be mixed in one batch"
                 )
-        self.stores, self.spec = list(stores), first.spec
+        self.stores = list(stores)
 
     @property
     def k(self) -> int:
@@ -207,7 +202,15 @@ class StoreUnion:
         return self._owner(example_id).get(example_id)
 
     def get_many(self, example_ids: list[str]) -> tuple[TeacherRows, list[int]]:
-        parts = [self._owner(example_id).encoded_rows(example_id) for example_id in example_ids]
-        counts = [len(next(iter(p.values()))) for p in parts]
-        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-        return TeacherRows(*codec.decode(self.spec, arrays)), counts
+        # consecutive examples of one store decode together (stores may differ in codec, e.g. v1 and v2)
+        runs: list[tuple[TeacherStore, list[codec.EncodedRows]]] = []
+        for example_id in example_ids:
+            store = self._owner(example_id)
+            if not runs or runs[-1][0] is not store:
+                runs.append((store, []))
+            runs[-1][1].append(store.encoded_rows(example_id))
+        decoded = [codec.decode(store.spec, parts) for store, parts in runs]
+        counts = [p.rows for _, parts in runs for p in parts]
+        if not decoded:
+            return TeacherRows(*codec.decode(self.stores[0].spec, [])), counts
+        return TeacherRows(*(torch.cat([d[i] for d in decoded]) for i in range(4))), counts

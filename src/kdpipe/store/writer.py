@@ -1,8 +1,10 @@
 """Writing a teacher store: sharded safetensors files plus ``manifest.json``, atomic and resumable.
 
 The examples to score are cut into shards of ``shard_size`` consecutive examples; shard ``i`` belongs to rank
-``i % world_size``. Each shard holds, for its examples in order, the codec's row-aligned arrays (one row per
-label position) plus ``offsets`` [n_examples + 1]; its header metadata lists the example ids and token hashes.
+``i % world_size``. Each shard holds, for its examples in order, the codec's arrays (:mod:`kdpipe.store.codec`)
+with ``offsets`` [n_examples + 1] (each example's rows); its header metadata lists the example ids and token
+hashes. Examples are quantised as they are added and entropy-coded when their shard is full (the v2 codec's
+models are fitted per shard).
 A shard is written to a temp name and renamed, so a shard file that exists is complete: a re-run after a
 crash keeps those and scores only the rest. Shard bytes depend only on their content, so an interrupted and
 resumed store is byte-identical to an uninterrupted one. Rank 0 writes the manifest once every shard exists.
@@ -23,7 +25,8 @@ from kdpipe.types import EncodedExample
 from kdpipe.utils.io import atomic_file, atomic_write_json, read_json, sha256_file
 
 FORMAT = "kdpipe-teacher-store"
-VERSION = 1
+VERSION = 2  # 2: the shard arrays are the codec's (v2 codec: per-example streams); 1: row-aligned v1 arrays
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PENDING = "store_meta.json"  # written first: what this store is, so a resume can check it continues the same one
 
@@ -66,6 +69,10 @@ class StoreWriter:
         pending = self.path / PENDING
         if pending.exists():
             saved = read_json(pending)
+            if saved.get("codec") != self.meta["codec"] and saved.get("codec", {}).get("scheme") in codec.SCHEMES:
+                # a store begun with another codec (e.g. before an upgrade) is finished in that codec
+                self.spec = codec.CodecSpec.from_dict(saved["codec"])
+                self.meta["codec"] = self.spec.to_dict()
             if saved != json.loads(json.dumps(self.meta)):
                 differ = sorted(k for k in set(saved) | set(self.meta) if saved.get(k) != self.meta.get(k))
                 raise ValueError(f"{self.path} holds a different teacher store (differs in {differ}); use another path")
@@ -102,18 +109,15 @@ class StoreWriter:
                 f"example {example.id!r}: {topk_ids.shape[0]} teacher rows for {example.num_label_tokens} labels"
             )
         shard = index // self.shard_size
-        arrays = codec.encode(self.spec, topk_ids, topk_logprobs, tail_logprob, label_logprob)
-        self._buffers.setdefault(shard, {})[index] = arrays
+        prepared = codec.prepare(self.spec, topk_ids, topk_logprobs, tail_logprob, label_logprob)
+        self._buffers.setdefault(shard, {})[index] = prepared
         if len(self._buffers[shard]) == len(self.shard_examples(shard)):
             self._write_shard(shard)
 
     def _write_shard(self, shard: int) -> None:
         rows = self._buffers.pop(shard)
         indices = list(self.shard_examples(shard))
-        parts = [rows[i] for i in indices]
-        lengths = [next(iter(p.values())).shape[0] for p in parts]
-        tensors = {key: np.concatenate([p[key] for p in parts], axis=0) for key in parts[0]}
-        tensors["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tensors = codec.encode_shard(self.spec, [rows[i] for i in indices])
         # one metadata key: safetensors writes header metadata from a hash map, so several keys would come out
         # in a different order in each process and the shard bytes would no longer be reproducible
         metadata = {

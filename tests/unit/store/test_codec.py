@@ -1,284 +1,180 @@
-"""Teacher-store codec: bytes per entry, KL error on realistic teachers, exact ids, row slices, -inf and NaN."""
+"""Teacher-store codec v2 (sorted-ans-v2, the default): exact id sets, KL error, bytes per entry, random access by
+example, zero mass, determinism, and the quantiser's error bound."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from kdpipe.store.codec import (
-    ARRAY_KEYS,
-    SCHEME,
-    CodecSpec,
-    _pack_codes,
-    _unpack_codes,
-    decode,
-    encode,
-    encoded_nbytes,
-    kl_error,
-    make_spec,
-    nbytes_per_position,
-)
-
-# (vocab size, positions): the demo vocabulary, SmolLM2, openPangu / Qwen-like
-VOCABS = [(100, 512), (49152, 256), (153376, 64)]
-SHARPNESS = [1.0, 3.0, 8.0]
+from kdpipe.store import codec, codec_v2
+from kdpipe.store.codec import CodecSpec, align, decode, encode_shard, kl_error, make_spec, open_shard, prepare
+from tests.unit.store.test_codec_v1 import case, store_fields, teacher_logprobs
 
 
-def teacher_logprobs(n: int, v: int, s: float, seed: int) -> torch.Tensor:
-    """float32 log-probs of a confident LM-like teacher: ``randn * s`` logits plus up to 3 boosted tokens per row."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, v, generator=g) * s
-    idx = torch.randint(0, v, (n, 3), generator=g)
-    boost = s * (1.0 + 4.0 * torch.rand(n, 3, generator=g))
-    boost[:, 1:] *= torch.rand(n, 2, generator=g)
-    logits.scatter_add_(1, idx, boost)
-    return torch.log_softmax(logits, dim=-1)
+def shard_of(spec: CodecSpec, ids, lps, tail, label, per_example: int):
+    """Encode rows as consecutive examples of ``per_example`` rows; returns (arrays, shard, n_examples)."""
+    n = ids.shape[0]
+    parts = [
+        prepare(
+            spec,
+            ids[a : a + per_example],
+            lps[a : a + per_example],
+            tail[a : a + per_example],
+            label[a : a + per_example],
+        )
+        for a in range(0, n, per_example)
+    ]
+    arrays = encode_shard(spec, parts)
+    return arrays, open_shard(spec, codec._Arrays(arrays)), len(parts)
 
 
-def store_fields(lp: torch.Tensor, k: int, seed: int = 0):
-    """What the store keeps per position: top-k ids and log-probs, tail log-prob, the label's log-prob."""
-    vals, ids = lp.topk(k, dim=-1)
-    tail = torch.log1p(-vals.double().exp().sum(-1).clamp(max=1.0)).float()
-    if k == lp.shape[1]:
-        tail = torch.full_like(tail, -math.inf)  # the top-k is the whole distribution
-    g = torch.Generator().manual_seed(seed)
-    anywhere = torch.randint(0, lp.shape[1], (lp.shape[0],), generator=g)
-    labels = torch.where(torch.rand(lp.shape[0], generator=g) < 0.5, ids[:, 0], anywhere)
-    return ids, vals, tail, lp.gather(1, labels[:, None])[:, 0]
+def check_round_trip(ids, lps, tail, label, got, kl_bound=1e-3):
+    d_ids, d_lp, d_tail, d_label = got
+    assert d_ids.dtype == torch.int64 and d_lp.dtype == d_tail.dtype == d_label.dtype == torch.float32
+    assert torch.equal(d_ids.sort(-1).values, ids.sort(-1).values)  # the same id sets, exactly
+    assert (d_lp[:, :-1] >= d_lp[:, 1:]).all()  # entries by decreasing probability
+    want = align(ids, lps, d_ids)
+    err = kl_error(want, tail, d_lp, d_tail)
+    assert torch.isfinite(err).all() and err.mean() <= kl_bound
+    mass = d_lp.double().exp().sum(-1) + d_tail.double().exp()
+    assert torch.allclose(mass, torch.ones_like(mass), atol=1e-3)
+    finite = label > -6e4  # within the float16 range (below it: -inf)
+    assert torch.allclose(d_label[finite], label[finite], rtol=1e-3, atol=1e-3)  # float16
+    return err
 
 
-@functools.cache
-def case(v: int, n: int, s: float, k: int = 64):
-    return store_fields(teacher_logprobs(n, v, s, seed=int(v + 10 * s)), k)
-
-
-def mass_sum(lp: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    return lp.double().exp().sum(-1) + tail.double().exp()
-
-
-# --- spec ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("vocab", "dtype"),
-    [
-        (100, "uint8"),
-        (256, "uint8"),
-        (257, "uint16"),
-        (49152, "uint16"),
-        (65536, "uint16"),
-        (65537, "uint24"),
-        (153376, "uint24"),
-        (1 << 24, "uint24"),
-        ((1 << 24) + 1, "uint32"),
-    ],
-)
-def test_id_dtype_is_the_narrowest_that_fits(vocab, dtype):
-    spec = make_spec(vocab, 8)
-    assert spec.id_dtype == dtype
-    ids = torch.tensor([[0, vocab - 1] * 4])
-    arrays = encode(spec, ids, torch.full((1, 8), -3.0), torch.tensor([-0.5]), torch.tensor([-1.0]))
-    if dtype == "uint24":
-        assert arrays["ids"].dtype == np.uint8 and arrays["ids"].shape == (1, 8, 3)
-    else:
-        assert arrays["ids"].dtype == np.dtype(dtype) and arrays["ids"].shape == (1, 8)
-    assert torch.equal(decode(spec, arrays)[0], ids)
-
-
-def test_spec_round_trips_through_json():
-    spec = make_spec(49152, 64)
-    assert spec == CodecSpec(49152, 64, "uint16", 7, SCHEME)
-    assert CodecSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-    with pytest.raises(ValueError):
-        CodecSpec.from_dict({**spec.to_dict(), "extra": 1})
-    with pytest.raises(ValueError):
-        CodecSpec.from_dict({key: val for key, val in spec.to_dict().items() if key != "scheme"})
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(k=0),
-        dict(k=101),
-        dict(logprob_bits=9),
-        dict(logprob_bits=3),
-        dict(id_dtype="int16"),
-        dict(vocab_size=70000, k=8),
-    ],
-)
-def test_spec_rejects_bad_values(kwargs):
-    with pytest.raises(ValueError):
-        CodecSpec(**{**make_spec(100, 8).to_dict(), **kwargs})
-
-
-def test_unknown_scheme_is_refused():
-    spec = CodecSpec(100, 8, "uint8", 7, "rowmax-pow4-v999")
-    with pytest.raises(ValueError, match="scheme"):
-        encode(spec, torch.zeros(1, 8, dtype=torch.long), torch.full((1, 8), -3.0), torch.zeros(1), torch.zeros(1))
-
-
-# --- size and error ------------------------------------------------------------------------------------------------
-
-
-def test_bytes_per_entry_at_k64_v49152():
-    ids, vals, tail, label = case(49152, 256, 3.0)
-    spec = make_spec(49152, 64)
-    arrays = encode(spec, ids, vals, tail, label)
-    per_entry = encoded_nbytes(arrays) / (ids.shape[0] * 64)
-    print(f"\nbytes per top-k entry at k=64, V=49152: {per_entry:.4f}")
-    assert per_entry <= 3.0
-    assert encoded_nbytes(arrays) == ids.shape[0] * nbytes_per_position(spec)
-    assert set(arrays) == set(ARRAY_KEYS) and all(a.shape[0] == ids.shape[0] for a in arrays.values())
-
-
-@pytest.mark.parametrize("s", SHARPNESS)
-@pytest.mark.parametrize(("vocab", "n"), VOCABS)
-def test_kl_error_is_small_and_ids_exact(vocab, n, s):
+@pytest.mark.parametrize("s", [1.0, 3.0, 8.0])
+@pytest.mark.parametrize(("vocab", "n"), [(100, 512), (49152, 256), (153376, 64)])
+def test_ids_exact_and_kl_small(vocab, n, s):
     ids, vals, tail, label = case(vocab, n, s)
     spec = make_spec(vocab, 64)
-    d_ids, d_lp, d_tail, d_label = decode(spec, encode(spec, ids, vals, tail, label))
-    assert d_ids.dtype == torch.int64 and torch.equal(d_ids, ids)
-    assert d_lp.dtype == d_tail.dtype == d_label.dtype == torch.float32
-    err = kl_error(vals, tail, d_lp, d_tail)
-    assert err.dtype == torch.float64 and err.shape == (n,)
+    _, shard, count = shard_of(spec, ids, vals, tail, label, per_example=32)
+    err = check_round_trip(ids, vals, tail, label, decode(spec, [shard.rows(i) for i in range(count)]))
     print(f"\nV={vocab} s={s}: KL mean {err.mean():.2e} max {err.max():.2e} nats")
-    assert err.mean() <= 1e-3
-    assert err.max() <= 1e-3  # not required, but holds with a wide margin (measured max 1.8e-4)
-    assert torch.allclose(mass_sum(d_lp, d_tail), torch.ones(n, dtype=torch.float64), atol=1e-3)
-    assert torch.allclose(d_label, label, rtol=1e-3, atol=1e-4)  # float16
-    assert torch.equal(d_lp.argmax(-1), vals.argmax(-1))
+    assert err.max() <= 2e-3
 
 
-def test_more_bits_give_less_error():
+def test_spec_is_v2_by_default_and_round_trips_through_json():
+    spec = make_spec(49152, 64)
+    assert spec == CodecSpec(49152, 64, codec_v2.SCHEME, step=codec_v2.DEFAULT_STEP)
+    assert spec.to_dict() == {"vocab_size": 49152, "k": 64, "scheme": "sorted-ans-v2", "step": codec_v2.DEFAULT_STEP}
+    assert CodecSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ValueError, match="exactly the keys"):
+        CodecSpec.from_dict({**spec.to_dict(), "logprob_bits": 7})  # a v1 field in a v2 spec
+    with pytest.raises(ValueError):
+        CodecSpec(100, 8, codec_v2.SCHEME)  # no step
+    with pytest.raises(ValueError):
+        CodecSpec(100, 8, codec_v2.SCHEME, step=0.0)
+
+
+@pytest.mark.parametrize(("vocab", "bound"), [(49152, 2.0), (153376, 2.3)])
+def test_bytes_per_entry_of_uniformly_random_ids(vocab, bound):
+    """The synthetic teacher's ids are uniform: at least log2 C(V, 64) / 64 bits each; the whole entry fits."""
+    from kdpipe.benchmarks.store import synthetic_teacher
+
+    _, lps, tail, label = (t.repeat(8, *[1] * (t.dim() - 1)) for t in synthetic_teacher(1024, vocab, 64, seed=1))
+    rng = np.random.default_rng(0)  # the same values under 8 x 1024 rows of fresh uniformly random ids
+    ids = torch.from_numpy(np.stack([rng.choice(vocab, 64, replace=False) for _ in range(lps.shape[0])]))
+    arrays, _, _ = shard_of(make_spec(vocab, 64), ids, lps, tail, label, per_example=64)
+    per_entry = codec.encoded_nbytes(arrays) / ids.numel()
+    floor = (math.lgamma(vocab + 1) - math.lgamma(65) - math.lgamma(vocab - 63)) / math.log(2) / 64 / 8
+    print(f"\nV={vocab}: {per_entry:.3f} bytes per entry (ids alone at least {floor:.3f})")
+    assert floor < per_entry <= bound
+
+
+def test_any_example_decodes_alone_and_in_any_order():
     ids, vals, tail, label = case(49152, 256, 3.0)
-    errs = {}
-    for bits in (6, 7, 8):
-        spec = make_spec(49152, 64, logprob_bits=bits)
-        _, d_lp, d_tail, _ = decode(spec, encode(spec, ids, vals, tail, label))
-        errs[bits] = kl_error(vals, tail, d_lp, d_tail).mean().item()
-    assert errs[8] < errs[7] < errs[6]
+    spec = make_spec(49152, 64)
+    _, shard, count = shard_of(spec, ids, vals, tail, label, per_example=24)  # 10 full examples and one of 16
+    whole = decode(spec, [shard.rows(i) for i in range(count)])
+    starts = [24 * i for i in range(count)] + [256]
+    for i in [10, 3, 0, 7]:
+        alone = decode(spec, [shard.rows(i)])
+        for a, w in zip(alone, whole):
+            assert torch.equal(a, w[starts[i] : starts[i + 1]])
+    mixed = decode(spec, [shard.rows(5), shard.rows(1)])
+    assert torch.equal(mixed[0], torch.cat([whole[0][120:144], whole[0][24:48]]))
 
 
-def test_top_k_equal_to_vocab_has_no_tail():
-    ids, vals, tail, label = store_fields(teacher_logprobs(128, 100, 3.0, seed=5), k=100)
-    assert torch.isneginf(tail).all()
-    spec = make_spec(100, 100)
-    d_ids, d_lp, d_tail, _ = decode(spec, encode(spec, ids, vals, tail, label))
-    assert torch.equal(d_ids, ids)
-    assert torch.isneginf(d_tail).all()
-    assert torch.allclose(d_lp.double().exp().sum(-1), torch.ones(128, dtype=torch.float64), atol=1e-3)
-    assert kl_error(vals, tail, d_lp, d_tail).mean() <= 1e-3
+def test_encoding_is_deterministic():
+    ids, vals, tail, label = case(100, 512, 3.0)
+    spec = make_spec(100, 64)
+    a, _, _ = shard_of(spec, ids, vals, tail, label, per_example=50)
+    b, _, _ = shard_of(spec, ids.clone(), vals.clone(), tail.clone(), label.clone(), per_example=50)
+    assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
 
 
-# --- robustness ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [2, 100, 1 << 16, (1 << 16) + 1, 1 << 17, 153376])
+def test_ids_at_the_edges_are_exact(vocab):
+    """First and last ids, neighbours, and gaps at powers of two."""
+    k = 2 if vocab == 2 else 8
+    rows = (
+        [[0, 1], [1, 0]]
+        if vocab == 2
+        else [
+            [0, 1, 2, 3, vocab - 4, vocab - 3, vocab - 2, vocab - 1],
+            [vocab - 1, 0, 4, 8, 16, (1 << 10) % vocab, ((1 << 10) + 1) % vocab, vocab // 2],
+            [5, 6, 7, 9, 13, 21, 37, 69],
+        ]
+    )
+    ids = torch.tensor(rows)
+    lps = torch.log_softmax(torch.randn(len(rows), k), -1) - 0.1
+    tail = torch.full((len(rows),), math.log(1 - math.exp(-0.1)))
+    got = codec.round_trip(make_spec(vocab, k), ids, lps, tail, torch.full((len(rows),), -1.0))
+    assert torch.equal(got[0].sort(-1).values, ids.sort(-1).values)
 
 
-def test_zero_mass_round_trips_to_neg_inf():
+def test_zero_mass_and_k_equal_to_vocab():
     lp = teacher_logprobs(32, 100, 3.0, seed=7)
     lp[:, :20] = -math.inf  # masked tokens
     lp[:, 20:25] = torch.finfo(torch.float32).min  # masked with the most negative float instead of -inf
     lp[:, 25] = -300.0  # tiny but not zero in float64: stays finite so the KL stays finite
     ids, vals, tail, label = store_fields(lp, k=100)
+    assert torch.isneginf(tail).all()  # the top-k is the whole vocabulary
     label[0] = -math.inf
     spec = make_spec(100, 100)
-    _, d_lp, d_tail, d_label = decode(spec, encode(spec, ids, vals, tail, label))
-    zero = vals.double().exp() == 0
+    d_ids, d_lp, d_tail, d_label = codec.round_trip(spec, ids, vals, tail, label)
+    zero = align(ids, vals, d_ids).double().exp() == 0
     assert zero.sum(-1).eq(25).all()
-    assert torch.isneginf(d_lp[zero]).all()
-    assert torch.isfinite(d_lp[~zero]).all()
+    assert torch.isneginf(d_lp[zero]).all() and torch.isfinite(d_lp[~zero]).all()
     assert torch.isneginf(d_tail).all() and torch.isneginf(d_label[0])
-    err = kl_error(vals, tail, d_lp, d_tail)
-    assert torch.isfinite(err).all() and err.mean() <= 1e-3
+    check_round_trip(ids, vals, tail, label, (d_ids, d_lp, d_tail, d_label))
 
 
-def test_a_row_without_top_k_mass_decodes_without_nan():
+def test_a_row_without_mass_and_an_empty_example_decode():
     spec = make_spec(100, 8)
     vals = torch.full((2, 8), -math.inf)
-    vals[1] = -1e5  # below the float16 range: zero mass too
-    _, d_lp, d_tail, _ = decode(spec, encode(spec, torch.arange(16).view(2, 8), vals, torch.zeros(2), torch.zeros(2)))
+    vals[1] = -1e5
+    _, d_lp, d_tail, _ = codec.round_trip(spec, torch.arange(16).view(2, 8), vals, torch.zeros(2), torch.zeros(2))
     assert torch.isneginf(d_lp).all() and torch.equal(d_tail, torch.zeros(2))
+    empty = codec.round_trip(
+        spec, torch.zeros(0, 8, dtype=torch.long), torch.zeros(0, 8), torch.zeros(0), torch.zeros(0)
+    )
+    assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 8), (0,), (0,)]
 
 
-@pytest.mark.parametrize("field", ["topk_logprobs", "tail_logprob", "label_logprob"])
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nan_or_plus_inf_input_raises(field, bad):
-    ids, vals, tail, label = (t.clone() for t in case(100, 512, 3.0))
-    inputs = {"topk_logprobs": vals, "tail_logprob": tail, "label_logprob": label}
-    inputs[field].view(-1)[3] = bad
-    with pytest.raises(ValueError):
-        encode(make_spec(100, 64), ids, **inputs)
+def test_repeated_ids_in_a_row_are_refused():
+    with pytest.raises(ValueError, match="distinct"):
+        prepare(
+            make_spec(100, 4), torch.tensor([[1, 2, 2, 3]]), torch.full((1, 4), -2.0), torch.zeros(1), torch.zeros(1)
+        )
 
 
-def test_bad_ids_and_shapes_raise():
-    ids, vals, tail, label = case(100, 512, 3.0)
-    spec = make_spec(100, 64)
-    with pytest.raises(ValueError, match="token ids"):
-        encode(spec, ids + 100, vals, tail, label)
-    with pytest.raises(ValueError, match="token ids"):
-        encode(spec, ids - 1, vals, tail, label)
-    with pytest.raises(ValueError):
-        encode(make_spec(100, 32), ids, vals, tail, label)
-    with pytest.raises(ValueError):
-        encode(spec, ids, vals, tail[:-1], label)
-    with pytest.raises(ValueError):
-        decode(make_spec(100, 32), encode(spec, ids, vals, tail, label))
-
-
-# --- layout --------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("vocab", "k"), [(100, 20), (49152, 64), (153376, 13)])
-def test_row_slices_decode_like_the_whole(vocab, k):
-    ids, vals, tail, label = store_fields(teacher_logprobs(40, vocab, 3.0, seed=11), k=k)
-    spec = make_spec(vocab, k)
-    arrays = encode(spec, ids, vals, tail, label)
-    whole = decode(spec, arrays)
-    for a, b in [(0, 1), (3, 17), (17, 40), (39, 40), (5, 5)]:
-        part = decode(spec, {key: arr[a:b] for key, arr in arrays.items()})
-        for p, w in zip(part, whole):
-            assert torch.equal(p, w[a:b])
-
-
-def test_safetensors_round_trip_reads_row_slices(tmp_path):
-    ids, vals, tail, label = case(153376, 64, 8.0)
-    spec = make_spec(153376, 64)
-    arrays = encode(spec, ids, vals, tail, label)
-    path = tmp_path / "shard.safetensors"
-    save_file(arrays, str(path), metadata={"codec": json.dumps(spec.to_dict())})
-    with safe_open(str(path), framework="np") as f:
-        read_spec = CodecSpec.from_dict(json.loads(f.metadata()["codec"]))
-        part = decode(read_spec, {key: f.get_slice(key)[10:30] for key in f.keys()})  # noqa: SIM118
-    for p, w in zip(part, decode(spec, arrays)):
-        assert torch.equal(p, w[10:30])
-
-
-def test_uint24_ids_are_exact_at_byte_edges():
-    edges = torch.tensor([[0, 255, 256, 65535, 65536, 65537, (1 << 24) - 2, (1 << 24) - 1]])
-    spec = make_spec(1 << 24, 8)
-    arrays = encode(spec, edges, torch.full((1, 8), -3.0), torch.tensor([-0.2]), torch.tensor([-1.0]))
-    assert arrays["ids"].tolist()[0][4] == [0, 0, 1]  # 65536, little-endian
-    assert torch.equal(decode(spec, arrays)[0], edges)
-
-
-@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
-@pytest.mark.parametrize("k", [1, 7, 8, 13, 64])
-def test_code_packing_round_trips(bits, k):
-    codes = np.random.default_rng(bits * 100 + k).integers(0, 1 << bits, size=(5, k), dtype=np.uint8)
-    packed = _pack_codes(codes, bits)
-    assert packed.dtype == np.uint8 and packed.shape == (5, -(-k // 8) * bits)
-    assert np.array_equal(_unpack_codes(packed, bits, k), codes)
-
-
-def test_torch_and_numpy_inputs_encode_alike():
-    ids, vals, tail, label = case(100, 512, 1.0)
-    spec = make_spec(100, 64)
-    from_torch = encode(spec, ids, vals, tail, label)
-    from_numpy = encode(spec, ids.numpy(), vals.numpy(), tail.numpy(), label.numpy())
-    assert all(np.array_equal(from_torch[key], from_numpy[key]) for key in ARRAY_KEYS)
+@pytest.mark.parametrize("step", [0.004, codec_v2.DEFAULT_STEP, 0.02])
+def test_quantiser_error_bound(step):
+    """Every probability decodes within step / 2 in sqrt(p) (log-step region: within 1/2 nat), codes are fixed
+    points of their own decoded values, and the table rises with the code."""
+    q = codec_v2.Quantiser(step)
+    table = q.table()
+    assert np.isneginf(table[0]) and (np.diff(table[1:]) > 0).all() and table[-1] == pytest.approx(0.0, abs=1e-6)
+    assert (q.encode(table[1:]) == np.arange(1, q.num_codes)).all()
+    x = np.linspace(-29.0, 0.0, 200001)
+    dec = table[q.encode(x)].astype(np.float64)
+    sqrt_region = x >= 2 * math.log(2 * step / codec_v2.LOG_STEP)
+    assert np.abs(np.exp(dec / 2) - np.exp(x / 2))[sqrt_region].max() <= step / 2 + 1e-6
+    assert np.abs(dec - x)[~sqrt_region].max() <= codec_v2.LOG_STEP / 2 + 1e-6
+    assert q.encode(np.array([-1e9, -math.inf])).tolist() == [1, 0]  # far below the floor: lowest code; -inf: zero

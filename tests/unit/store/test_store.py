@@ -14,7 +14,7 @@ from kdpipe.data.encode import encode_example
 from kdpipe.models.tokenizer import build_char_tokenizer
 from kdpipe.modules.scorer import topk_signal
 from kdpipe.store import codec
-from kdpipe.store.reader import StoreError, TeacherStore
+from kdpipe.store.reader import StoreError, StoreUnion, TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
 from kdpipe.types import IGNORE_INDEX
 from tests.helpers import REPO, STORE_K, encoded, run_cli, write_store
@@ -37,7 +37,7 @@ def test_topk_signal_matches_a_float64_reference():
 
 def test_round_trip_by_example_id(tokenizer, tmp_path):
     examples = encoded(tokenizer)
-    spec, rows = write_store(tmp_path / "store", tokenizer, examples)
+    _, rows = write_store(tmp_path / "store", tokenizer, examples)
     store = TeacherStore(tmp_path / "store")
     assert len(store) == len(examples) and store.k == K
     manifest = json.loads((tmp_path / "store" / MANIFEST).read_text())
@@ -45,13 +45,39 @@ def test_round_trip_by_example_id(tokenizer, tmp_path):
     assert manifest["total_rows"] == sum(e.num_label_tokens for e in examples)
     for i in reversed(range(len(examples))):  # random access, any order
         got = store.get(examples[i].id)
-        want = codec.decode(spec, codec.encode(spec, *rows[i]))
-        assert torch.equal(got.topk_ids, rows[i][0])
-        for a, b in zip((got.topk_ids, got.topk_logprobs, got.tail_logprob, got.label_logprob), want):
-            assert torch.equal(a, b)
+        ids, lps, tail, label = rows[i]
+        assert torch.equal(got.topk_ids.sort(-1).values, ids.sort(-1).values)  # exactly the teacher's ids
+        assert (got.topk_logprobs[:, :-1] >= got.topk_logprobs[:, 1:]).all()  # by decreasing probability
         # within the codec's error of the float32 teacher
-        assert torch.allclose(got.topk_logprobs.exp(), rows[i][1].exp(), atol=2e-2)
+        want = codec.align(ids, lps, got.topk_ids)
+        assert torch.allclose(got.topk_logprobs.exp(), want.exp(), atol=2e-2)
+        assert codec.kl_error(want, tail, got.topk_logprobs, got.tail_logprob).mean() <= 1e-3
+        assert torch.allclose(got.label_logprob, label, rtol=1e-3, atol=1e-3)  # float16
     store.check_compatible(tokenizer, examples)
+    assert manifest["codec"]["scheme"] == codec.DEFAULT_SCHEME == "sorted-ans-v2"
+
+
+def test_a_v1_store_still_reads(tokenizer, tmp_path):
+    """A store written before the v2 codec (format version 1, rowmax-pow4-v1 arrays) reads as it did."""
+    examples = encoded(tokenizer)
+    _, rows = write_store(tmp_path / "store", tokenizer, examples, scheme="rowmax-pow4-v1")
+    manifest_path = tmp_path / "store" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    assert set(manifest["codec"]) == {"vocab_size", "k", "id_dtype", "logprob_bits", "scheme"}  # as v1 wrote it
+    manifest_path.write_text(json.dumps({**manifest, "version": 1}))
+    store = TeacherStore(tmp_path / "store")
+    for i, example in enumerate(examples):
+        got = store.get(example.id)
+        assert torch.equal(got.topk_ids, rows[i][0])  # v1 keeps the written order
+        assert torch.allclose(got.topk_logprobs.exp(), rows[i][1].exp(), atol=2e-2)
+
+    # a v1 store and a v2 store read as one union (e.g. an old label store beside a new on-policy store)
+    write_store(tmp_path / "v2", tokenizer, examples[:3])
+    union = StoreUnion([TeacherStore(tmp_path / "v2"), store])
+    order = [examples[4].id, examples[0].id, examples[5].id]
+    got, counts = union.get_many(order)
+    assert counts == [examples[i].num_label_tokens for i in (4, 0, 5)]
+    assert torch.equal(got.topk_ids[: counts[0]], rows[4][0])
 
 
 def test_corrupted_shard_is_detected_and_named(tokenizer, tmp_path):
