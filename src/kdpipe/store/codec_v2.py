@@ -74,23 +74,25 @@ class Quantiser:
 
     @property
     def num_codes(self) -> int:
-        """Codes 0 (zero mass) to the code of ``p = 1``."""
-        return int(np.rint(1.0 / self.step - self._w_floor)) + 2
+        """Codes 0 (zero mass) to L, the code of ``p = 1``; the grid in ``w`` is anchored there."""
+        return int(np.floor(1.0 / self.step - self._w_floor)) + 2
 
     def encode(self, logprobs: np.ndarray) -> np.ndarray:
         """Log-probs (any shape, float) to uint8/uint16 codes."""
         x = np.minimum(np.asarray(logprobs, dtype=np.float64), 0.0)
         xs, ws = self._switch
+        top = self.num_codes - 1
         with np.errstate(over="ignore", invalid="ignore"):
             w = np.where(x >= xs, np.exp(x / 2.0) / self.step, ws + (np.maximum(x, LOG_FLOOR) - xs) / LOG_STEP)
-        codes = np.clip(np.rint(w - self._w_floor), 0, self.num_codes - 2).astype(np.int64) + 1
+        codes = np.clip(np.rint(w - 1.0 / self.step) + top, 1, top).astype(np.int64)
         codes[np.exp(x) == 0.0] = 0  # zero mass in float64 (also -inf)
         return codes.astype(np.uint8 if self.num_codes <= 256 else np.uint16)
 
     def table(self) -> np.ndarray:
-        """Decoded log-prob of each code, float32 [num_codes]; code 0 is ``-inf``."""
+        """Decoded log-prob of each code, float32 [num_codes]; code 0 is ``-inf``, code L is 0 (p = 1)."""
         xs, ws = self._switch
-        w = np.arange(self.num_codes - 1, dtype=np.float64) + self._w_floor
+        top = self.num_codes - 1
+        w = 1.0 / self.step - (top - np.arange(1, top + 1, dtype=np.float64))
         with np.errstate(divide="ignore"):
             x = np.where(w >= ws, 2.0 * np.log(np.maximum(w, 1e-300) * self.step), xs + (w - ws) * LOG_STEP)
         return np.concatenate([[-np.inf], np.minimum(x, 0.0)]).astype(np.float32)

@@ -177,4 +177,4 @@ def test_quantiser_error_bound(step):
     sqrt_region = x >= 2 * math.log(2 * step / codec_v2.LOG_STEP)
     assert np.abs(np.exp(dec / 2) - np.exp(x / 2))[sqrt_region].max() <= step / 2 + 1e-6
     assert np.abs(dec - x)[~sqrt_region].max() <= codec_v2.LOG_STEP / 2 + 1e-6
-    assert q.encode(np.array([-1e9, -math.inf])).tolist() == [1, 0]  # far below the floor: lowest code; -inf: zero
+    assert q.encode(np.array([-700.0, -1e9, -math.inf])).tolist() == [1, 0, 0]  # lowest code; zero mass in float64
