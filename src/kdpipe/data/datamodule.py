@@ -23,7 +23,7 @@ from kdpipe.data.encode import encode_example, system_prompt_for
 from kdpipe.data.records import Problem
 from kdpipe.data.scorers import example_scores
 from kdpipe.data.sources import load_split, subset_by_id
-from kdpipe.store.reader import StoreUnion
+from kdpipe.store import posthoc
 from kdpipe.types import EncodedExample
 from kdpipe.utils.io import atomic_write_text
 
@@ -122,7 +122,7 @@ class PostTrainDataModule(L.LightningDataModule):
         self.collator = Collator(tokenizer.pad_token_id, packing=bool(data.get("packing", False)))
         stores = [st for st in (store, onpolicy_store if onpolicy_lambda > 0 else None) if st is not None]
         if stores:
-            self.collator = KDCollator(self.collator, stores[0] if len(stores) == 1 else StoreUnion(stores))
+            self.collator = KDCollator(self.collator, posthoc.join(stores))
         self.datasets: dict[str, list[EncodedExample]] = {}
         self.dropped: dict[str, int] = {}  # per split: examples over data.max_length, dropped
         self.truncated: dict[str, int] = {}  # per split: examples cut to data.max_length (overlong=truncate)

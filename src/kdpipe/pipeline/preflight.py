@@ -19,7 +19,9 @@ from kdpipe.errors import PipelineConfigError
 from kdpipe.models.factory import build_tokenizer
 from kdpipe.pipeline.spec import StageSpec, stage_styles
 from kdpipe.store.reader import StoreError, TeacherStore
+from kdpipe.store.writer import MANIFEST
 from kdpipe.utils.dist import is_rank_zero, rank_zero_console
+from kdpipe.utils.io import read_json
 
 console = rank_zero_console()
 VERIFY = ("full", "size")
@@ -38,7 +40,13 @@ _TRAINING = {
 _EVAL = {"eval.batch_size": _POSITIVE, "eval.max_new_tokens": _POSITIVE, "eval.limit": _OPTIONAL_POSITIVE}
 RANGES: dict[str, dict[str, tuple[Callable, str]]] = {
     "sft": {**_TRAINING, **_EVAL},
-    "kd": {**_TRAINING, **_EVAL, "onpolicy_lambda": (lambda v: 0.0 <= float(v) <= 1.0, "in [0, 1]")},
+    "kd": {
+        **_TRAINING,
+        **_EVAL,
+        "onpolicy_lambda": (lambda v: 0.0 <= float(v) <= 1.0, "in [0, 1]"),
+        "teacher_k": _OPTIONAL_POSITIVE,
+        "teacher_temperature": (lambda v: v is None or float(v) > 0, "> 0 or null"),
+    },
     "eval": _EVAL,
     "score": {
         "k": _POSITIVE,
@@ -261,6 +269,39 @@ def check_k(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
     return problems
 
 
+def check_teacher_k(specs: Sequence[StageSpec]) -> list[str]:
+    """A kd stage's ``teacher_k`` is at most the k of the store it reads: the store given, or the one the latest
+    score stage before it writes for its style."""
+    problems = []
+    for index, spec in enumerate(specs):
+        want = spec.config.get("teacher_k") if spec.kind == "kd" else None
+        if want is None:
+            continue
+        store, style = spec.config.get("store", "auto"), str(spec.config.get("style", ""))
+        if str(store) != "auto":
+            try:
+                k, source = int(read_json(Path(str(store)) / MANIFEST)["k"]), f"store {store}"
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # the store check names a missing or damaged store
+        else:
+            scorers = [
+                s
+                for s in specs[:index]
+                if s.kind == "score"
+                and str(s.config.get("sequences", "labels")) == "labels"
+                and style in [str(x) for x in (s.config.get("styles") or [])]
+            ]
+            if not scorers:
+                continue
+            k, source = int(scorers[-1].config.get("k", 1)), f"stage {scorers[-1].name!r}"
+        if int(want) > k:
+            problems.append(
+                f"pipeline.stages.{spec.name}.teacher_k={want}: more than the k={k} its store holds ({source}); "
+                f"a store read at k' <= k needs no new capture"
+            )
+    return problems
+
+
 def check_exports(finished) -> list[str]:
     """On a resume: the export each finished training stage left (what later stages start from) is there."""
     problems = []
@@ -286,6 +327,7 @@ def preflight(cfg: DictConfig, specs: Sequence[StageSpec], run_dir: Path, finish
     for spec in specs:
         problems.extend(check_ranges(spec))
     problems.extend(check_k(cfg, specs))
+    problems.extend(check_teacher_k(specs))
     problems.extend(check_data(cfg, specs))
     done_stores = finished.stores if finished is not None else {}
     done_rollouts = finished.rollouts if finished is not None else {}

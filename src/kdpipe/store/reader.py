@@ -91,6 +91,10 @@ class TeacherStore:
         return float(self.manifest["temperature"])
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.spec.vocab_size)
+
+    @property
     def num_rows(self) -> int:
         """Label positions stored (one row of k entries each)."""
         return int(self.manifest["total_rows"])
@@ -183,7 +187,20 @@ class StoreUnion:
                     f"teacher stores {first.path} and {store.path} hold different signals "
                     f"(k={first.k} vs k={store.k}, or another vocabulary): they cannot be mixed in one batch"
                 )
+            if store.temperature != first.temperature:
+                raise StoreError(
+                    f"teacher stores {first.path} (T={first.temperature}) and {store.path} (T={store.temperature}) "
+                    "were scored at different temperatures: they cannot be mixed in one batch"
+                )
         self.stores = list(stores)
+
+    @property
+    def temperature(self) -> float:
+        return self.stores[0].temperature
+
+    @property
+    def vocab_size(self) -> int:
+        return self.stores[0].vocab_size
 
     @property
     def k(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kdpipe.cli.bench import main
 
 
@@ -34,3 +36,20 @@ def test_step_bench_reports_kd_over_sft(tmp_path):
     main(["step", "--models", "demo-student", "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "s.json")])
     row = json.loads((tmp_path / "s.json").read_text())["step"][0]
     assert row["kd_over_sft_time"] > 0 and row["sft_tokens_per_s"] > 0
+
+
+def test_chat_arith_records_are_the_same_examples_in_the_same_order_every_time():
+    from kdpipe.benchmarks.step import chat_arith_records
+
+    records = chat_arith_records(40)
+    assert records == chat_arith_records(40)  # what kdpipe and TRL (benchmarks/trl_sft.py) both train on
+    assert len({r["id"] for r in records}) == 40
+    assert {r["level"] for r in records} == {1, 2, 3, 4, 5}
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in records)
+
+
+def test_step_bench_names_an_unknown_packing_mode(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["step", "--models", "smollm2-135m", "--packing", "maybe"])
+    assert exit_info.value.code == 2
+    assert "--packing: unknown maybe" in capsys.readouterr().err

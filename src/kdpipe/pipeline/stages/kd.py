@@ -14,6 +14,7 @@ from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.pipeline.stages.fit import fit_stage, make_datamodule, optimizer_parts
 from kdpipe.pipeline.stages.weights import load_trainable
+from kdpipe.store.posthoc import PostHocStore
 from kdpipe.store.reader import TeacherStore
 
 
@@ -21,10 +22,19 @@ def run_kd(ctx: StageContext) -> StageResult:
     ratio = float(ctx.settings.onpolicy_lambda)
     if not 0.0 <= ratio <= 1.0:
         raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.onpolicy_lambda={ratio} must be in [0, 1]")
-    store = TeacherStore(ctx.store("store")) if ratio < 1 else None
+    # teacher_k / teacher_temperature: the store read at k' <= k or at another temperature, without a new capture
+    k, temperature = ctx.settings.get("teacher_k"), ctx.settings.get("teacher_temperature")
+
+    def opened(path) -> PostHocStore:
+        try:
+            return PostHocStore(TeacherStore(path), k=k, temperature=temperature)
+        except ValueError as err:
+            raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}: {err} at {path}") from err
+
+    store = opened(ctx.store("store")) if ratio < 1 else None
     onpolicy = None
     if ratio > 0:
-        onpolicy_store = TeacherStore(ctx.store("onpolicy_store", sequences="rollouts"))
+        onpolicy_store = opened(ctx.store("onpolicy_store", sequences="rollouts"))
         onpolicy = (load_rollouts(ctx.rollout_set(ctx.styles[0])), onpolicy_store, ratio)
     model, tokenizer = load_trainable(ctx)
     module = KDModule(
@@ -34,6 +44,7 @@ def run_kd(ctx: StageContext) -> StageResult:
     result = fit_stage(ctx, module, tokenizer, datamodule)
     if store is not None:
         result.reads["store"] = str(store.path)
+        result.metrics.update(teacher_k=store.k, teacher_temperature=store.temperature)
     if onpolicy is not None:
         result.reads["onpolicy_store"] = str(onpolicy[1].path)
         result.metrics["onpolicy_examples"] = len(datamodule.encode_onpolicy())
