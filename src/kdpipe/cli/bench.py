@@ -34,20 +34,21 @@ def known_names(given: str, known, option: str) -> list[str]:
 
 def print_table(title: str, rows: list[dict]) -> None:
     table = Table(title=title)
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, first seen first
     for key in keys:
         table.add_column(key, justify="right")
     for row in rows:
-        table.add_row(*[f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys])
+        table.add_row(*[f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys])
     Console(width=max(Console().width, 230)).print(table)
 
 
 def bench_store(args: argparse.Namespace) -> dict:
     from kdpipe.benchmarks.store import run
 
-    rows = [run(vocab=v, k=k, positions=args.positions) for v, k in ((49152, 64), (49152, 128), (153376, 64))]
-    print_table("teacher store (synthetic LM-shaped teacher)", rows)
-    return {"store": rows}
+    result = run(positions=args.positions, real=not args.synthetic_only)
+    print_table("teacher store: bytes per top-k entry, KL error vs float32, write/read speed", result["store"])
+    print_table("post-hoc k' and T' from one k=64, T=1 capture, against captures at k' and T'", result["posthoc"])
+    return result
 
 
 def bench_loss(args: argparse.Namespace) -> dict:
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     store = sub.add_parser("store", help="teacher-store bytes per entry, KL error, write/read speed")
     store.add_argument("--positions", type=int, default=16384, help="label positions to store")
+    store.add_argument("--synthetic-only", action="store_true", help="skip the SmolLM2-135M teacher")
     store.add_argument("--json", type=Path, help="also write the figures here")
     loss = sub.add_parser("loss", help="fused vs plain vs LM-head floor: time and peak memory, per shape")
     loss.add_argument("--shapes", default="smollm2-135m,openpangu-1b", help="comma-separated shape names")

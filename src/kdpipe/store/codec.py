@@ -75,12 +75,15 @@ def make_spec(
     k: int,
     scheme: str = DEFAULT_SCHEME,
     logprob_bits: int = codec_v1.DEFAULT_LOGPROB_BITS,
-    step: float = codec_v2.DEFAULT_STEP,
+    step: float | None = None,
 ) -> CodecSpec:
-    """The spec for a vocabulary and top-k under ``scheme`` (v1: narrowest ids, ``logprob_bits``-bit codes)."""
+    """The spec for a vocabulary and top-k under ``scheme`` (v1: narrowest ids, ``logprob_bits``-bit codes; v2:
+    ``step``, by default :func:`kdpipe.store.codec_v2.default_step` for k)."""
     if scheme == codec_v1.SCHEME:
         return CodecSpec(int(vocab_size), int(k), scheme, codec_v1.id_dtype_for(int(vocab_size)), int(logprob_bits))
-    return CodecSpec(int(vocab_size), int(k), scheme, step=float(step))
+    return CodecSpec(
+        int(vocab_size), int(k), scheme, step=float(step if step is not None else codec_v2.default_step(k))
+    )
 
 
 # --- writing -------------------------------------------------------------------------------------------------------

@@ -48,11 +48,17 @@ import torch
 from kdpipe.store.codec_v1 import f16
 
 SCHEME = "sorted-ans-v2"
-DEFAULT_STEP = 0.0075  # sqrt(p) step: mean KL ~5e-4 nats/token on SmolLM2's real top-64 (kdpipe-bench store)
+DEFAULT_STEP = 0.0075  # sqrt(p) step at k <= 64: mean KL ~5e-4 nats/token on SmolLM2's real top-64 (kdpipe-bench store)
 LOG_STEP = 1.0  # nats per code below p_s
 LOG_FLOOR = -30.0  # the lowest code's log-prob; entries below it take that code
 GROUPS = 4  # column groups of the gap models
 MODEL_KEYS = ("m_gap", "m_class", "m_code", "m_tail")
+
+
+def default_step(k: int) -> float:
+    """The step for k entries: each entry in the square-root range costs ``step**2 / 6`` nats, so above k = 64
+    the step shrinks with ``sqrt(64 / k)`` to keep the KL per token where it is at 64."""
+    return DEFAULT_STEP * min(1.0, math.sqrt(64.0 / k))
 
 
 @dataclass(frozen=True)

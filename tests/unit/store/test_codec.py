@@ -61,6 +61,7 @@ def test_ids_exact_and_kl_small(vocab, n, s):
 def test_spec_is_v2_by_default_and_round_trips_through_json():
     spec = make_spec(49152, 64)
     assert spec == CodecSpec(49152, 64, codec_v2.SCHEME, step=codec_v2.DEFAULT_STEP)
+    assert make_spec(49152, 128).step == pytest.approx(codec_v2.DEFAULT_STEP / math.sqrt(2))
     assert spec.to_dict() == {"vocab_size": 49152, "k": 64, "scheme": "sorted-ans-v2", "step": codec_v2.DEFAULT_STEP}
     assert CodecSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     with pytest.raises(ValueError, match="exactly the keys"):
