@@ -173,7 +173,7 @@ def open_shard(spec: CodecSpec, handle) -> Shard:
 def decode(spec: CodecSpec, parts: list[EncodedRows]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows of several examples, concatenated in order: ids int64 [N, k], log-probs f32 [N, k], tail f32
     [N], label f32 [N]. Top-k and tail come back renormalised together; the label log-prob as stored (float16).
-    v2 gives each row's entries by decreasing probability, v1 in the order they were written."""
+    v2 gives each row's entries in id order, v1 in the order they were written."""
     if spec.scheme == codec_v1.SCHEME:
         if not parts:
             return codec_v1.decode(spec, {key: _empty_v1(spec, key) for key in codec_v1.ARRAY_KEYS})
@@ -208,9 +208,8 @@ def kl_error(
     """Per-position KL(P || Q) in nats over the k+1 bins (top-k + tail), float64; P is the original, Q the decoded.
 
     Both sides are renormalised over their k+1 bins first; bins where P has no mass contribute 0, a bin where P has
-    mass and Q has none makes the KL infinite. The bins are compared as sets: pass both with the same entry order
-    (v2 decodes by decreasing probability: compare against the original sorted the same way, e.g. by
-    :func:`align`).
+    mass and Q has none makes the KL infinite. Entries are compared position by position: pass both in the same
+    entry order (v2 decodes in id order: reorder the original with :func:`align`).
     """
     log_p = _log_bins(topk_logprobs, tail_logprob)
     log_q = _log_bins(decoded_logprobs, decoded_tail)

@@ -18,9 +18,10 @@ Per position (row) the k top-k entries are sorted by token id. What is coded, fo
   have different codes). The tail bin is one more code with a model of its own.
 * **label log-probs** stay float16, row-aligned (``label`` [N]).
 
-Decoding renormalises all k+1 bins (top-k and tail) together, like v1, and returns each row's entries by
-decreasing probability (ties by id). The models are each shard's symbol counts (uint32 arrays in the shard),
-so decoding needs nothing else from the writer. Arrays of a shard:
+Decoding renormalises all k+1 bins (top-k and tail) together, like v1, and returns each row's entries in id
+order (:func:`kdpipe.store.posthoc.truncate` sorts by probability where the order matters). The models are
+each shard's symbol counts (uint32 arrays in the shard), so decoding needs nothing else from the writer.
+Arrays of a shard:
 
 ==================  ===========================  ===========================================================
 key                 shape, dtype                 content
@@ -299,15 +300,28 @@ def decode_example(
 
 
 def values(step: float, ids: np.ndarray, codes: np.ndarray, tail_codes: np.ndarray, label: np.ndarray):
-    """Decoded rows as torch tensors: ids int64 [N, k] and log-probs [N, k] by decreasing probability, tail
-    [N], label [N]; top-k and tail renormalised together."""
-    table = Quantiser(step).table()
-    lp = torch.from_numpy(table[codes])
-    tail = torch.from_numpy(table[tail_codes])
-    lse = torch.logsumexp(torch.cat([lp, tail[:, None]], dim=1), dim=1)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    lp, tail = lp - lse[:, None], tail - lse
-    ids_t = torch.from_numpy(ids)
-    # decreasing probability, ties by id: ids are sorted, so a stable sort on -lp keeps id order in ties
-    lp, order = torch.sort(lp, dim=1, descending=True, stable=True)
-    return ids_t.gather(1, order), lp, tail, torch.from_numpy(np.asarray(label, dtype=np.float32))
+    """Decoded rows as torch tensors: ids int64 [N, k] and log-probs [N, k] (in id order), tail [N], label [N];
+    top-k and tail renormalised together (by table look-ups: no exp or log per entry)."""
+    table, probs = _tables(step)
+    total = probs[codes].sum(axis=1) + probs[tail_codes]
+    with np.errstate(divide="ignore"):
+        shift = np.where(total > 0, np.log(total), 0.0).astype(np.float32)  # a row with no mass stays as is
+    lp = table[codes] - shift[:, None]
+    tail = table[tail_codes] - shift
+    return (
+        torch.from_numpy(ids),
+        torch.from_numpy(lp),
+        torch.from_numpy(tail),
+        torch.from_numpy(np.asarray(label, dtype=np.float32)),
+    )
+
+
+_TABLES: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _tables(step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each code's log-prob (float32) and probability (float64), built once per step."""
+    if step not in _TABLES:
+        table = Quantiser(step).table()
+        _TABLES[step] = (table, np.exp(table.astype(np.float64)))
+    return _TABLES[step]
