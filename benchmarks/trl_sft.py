@@ -159,7 +159,7 @@ def run_variant(name: str, model_dir: str, records: list[dict], opts: argparse.N
     result = {
         "variant": name,
         "gradient_checkpointing": config.gradient_checkpointing,
-        "optim": str(config.optim),
+        "optim": str(getattr(config.optim, "value", config.optim)),
         "precision": "32-true",
         "packing": False,
         "steps": len(timed),
@@ -212,14 +212,15 @@ def cpu_model() -> str:
 
 
 def comparison(kdpipe_rows: list[dict], trl_rows: list[dict]) -> list[dict]:
-    """kdpipe's rows beside TRL's default run: non-pad tokens/s and the ratios."""
-    base = next(r for r in trl_rows if r["variant"] == "default") if trl_rows else None
+    """kdpipe's rows beside TRL's: non-pad tokens/s and the ratios over TRL's default run (else its first)."""
+    base = next((r for r in trl_rows if r["variant"] == "default"), trl_rows[0])
     out = []
     for r in trl_rows:
         out.append(
             {
                 "trainer": f"TRL SFTTrainer ({r['variant']})",
                 "precision": r["precision"],
+                "optimizer": r["optim"],
                 "packing": r["packing"],
                 "sft_tokens_per_s": r["tokens_per_s"],
                 "kd_tokens_per_s": None,
@@ -233,6 +234,7 @@ def comparison(kdpipe_rows: list[dict], trl_rows: list[dict]) -> list[dict]:
             {
                 "trainer": "kdpipe",
                 "precision": r["precision"],
+                "optimizer": r.get("optimizer", "adamw"),
                 "packing": r["packing"],
                 "sft_tokens_per_s": r["sft_tokens_per_s"],
                 "kd_tokens_per_s": r["kd_tokens_per_s"],
@@ -305,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     kd_rows = [r for r in kdpipe.get("step", []) if "precision" in r]
     if kd_rows:
         table = comparison(kd_rows, rows)
-        print("\nkdpipe vs TRL (non-pad tokens per second inside the training steps; vs_trl: over TRL default)\n")
+        print(f"\n{result['date']}, {result['cpu']}, {result['threads']} threads, {result['versions']}")
+        print(f"command: {result['command']}")
+        print("\nkdpipe vs TRL (non-pad tokens per second inside the training steps; vs_trl: over TRL's default)\n")
         print(markdown(table))
         result["kdpipe"] = {"setup": setup, "rows": kd_rows}
         result["comparison"] = table

@@ -184,7 +184,7 @@ DATA = ("chat-arith", "synthetic")
 PRECISIONS = ("32-true", "bf16-mixed")
 TEACHERS = ("model", "synthetic")
 # torch.optim.AdamW's implementation. kdpipe's optimizer config (configs/optimizer/adamw.yaml) leaves it to torch,
-# which on a CPU runs the single-tensor loop; `optimizer.fused=true` selects the fused kernel (TRL's default optim,
+# which on a CPU runs the single-tensor loop; `+optimizer.fused=true` selects the fused kernel (TRL's default optim,
 # adamw_torch_fused)
 OPTIMIZERS = {"adamw": {}, "adamw-foreach": {"foreach": True}, "adamw-fused": {"fused": True}}
 CHAT_STYLE = "reasoning"  # the arith task's step-by-step responses: 45-75 tokens each with SmolLM2's template
