@@ -93,7 +93,6 @@ from kdpipe.models.factory import build_model, count_parameters
 from kdpipe.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from kdpipe.models.tokenizer import build_char_tokenizer
 from kdpipe.modules import KDModule, SFTModule
-from kdpipe.store import codec
 from kdpipe.store.reader import TeacherStore
 from kdpipe.types import IGNORE_INDEX
 from kdpipe.utils.paths import config_dir
@@ -306,11 +305,11 @@ print(f"store: {store_path} ({time.perf_counter() - started:.1f} s)")
 #
 # `TeacherStore` opens the manifest and the shards' headers (memory-mapped safetensors) and hands out
 # one example's rows by id. The manifest records what the store's name hashes: the teacher's and the
-# tokenizer's fingerprints (`kdpipe.models.fingerprint`) among them. The codec stores token ids in the
-# narrowest integer type (one byte here: the vocabulary has fewer than 256 tokens) and the top-k log-probs
-# as 7-bit codes relative to each row's maximum, plus a few bytes per position for that maximum, the tail
-# and the label's log-prob. On disk, each shard adds per-example offsets and a header with the example ids
-# and token hashes.
+# tokenizer's fingerprints (`kdpipe.models.fingerprint`) among them. The codec (`sorted-ans-v2`) sorts each
+# position's top-k ids and codes them as gaps, codes each probability on a grid in `sqrt(p)`, and
+# entropy-codes both (rANS) with symbol counts fitted per shard, one stream per example; the label's
+# log-prob stays float16. On disk, each shard adds per-example offsets, the symbol counts and a header with
+# the example ids and token hashes.
 
 # %%
 store = TeacherStore(store_path)
@@ -326,8 +325,7 @@ nbytes = sum((store_path / s["file"]).stat().st_size for s in manifest["shards"]
 rows = manifest["total_rows"]
 print(
     f"{nbytes:,} bytes on disk for {rows:,} label positions: {nbytes / rows:.1f} bytes per position, "
-    f"{nbytes / (rows * K):.2f} bytes per top-k entry (codec payload alone: "
-    f"{codec.nbytes_per_position(store.spec) / K:.2f}; the full float32 distribution: "
+    f"{nbytes / (rows * K):.2f} bytes per top-k entry (the full float32 distribution: "
     f"{4 * len(tokenizer)} bytes per position)"
 )
 
