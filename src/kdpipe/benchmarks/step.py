@@ -110,15 +110,15 @@ def build_store(path: Path, examples: list[EncodedExample], vocab: int, k: int) 
     return TeacherStore(path)
 
 
-def one_step(module, optimizer, batch, kd: bool) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def one_step(module, optimizer, batch, kd: bool, precision: str = "32-true") -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         loss = module.fused_terms(batch, KDLossSettings(**module.loss_options)).loss if kd else module.loss(batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_interleaved(sft, kd, collate_sft, collate_kd, examples, batch_size, steps, warmup):
+def time_interleaved(sft, kd, collate_sft, collate_kd, examples, batch_size, steps, warmup, precision="32-true"):
     """Alternate an SFT step and a KD step on the same batch, so machine drift hits both alike."""
     optimizers = {name: torch.optim.AdamW(m.model.parameters(), lr=1e-4) for name, m in (("sft", sft), ("kd", kd))}
     times: dict[str, list[float]] = {"sft": [], "kd": [], "collate_sft": [], "collate_kd": []}
@@ -129,7 +129,7 @@ def time_interleaved(sft, kd, collate_sft, collate_kd, examples, batch_size, ste
             started = time.perf_counter()
             batch = collate(chunk)
             collated = time.perf_counter()
-            one_step(module, optimizers[name], batch, kd=name == "kd")
+            one_step(module, optimizers[name], batch, kd=name == "kd", precision=precision)
             if step >= warmup:
                 times[name].append(time.perf_counter() - started)
                 times[f"collate_{name}"].append(collated - started)
@@ -140,7 +140,9 @@ def time_interleaved(sft, kd, collate_sft, collate_kd, examples, batch_size, ste
     return medians["sft"], medians["kd"], tokens, join
 
 
-def run(model: str, steps: int = 10, warmup: int = 2, k: int = 64) -> dict:
+def run(model: str, steps: int = 10, warmup: int = 2, k: int = 64, precision: str = "32-true") -> dict:
+    """SFT and KD steps of a synthetic-weight model of one of :data:`MODELS`' shapes; ``precision`` 32-true or
+    bf16-mixed (bf16 autocast: slower than fp32 on a CPU without bf16 instructions, e.g. this project's)."""
     kwargs, batch_size, seq_len = MODELS[model]
     config = AutoConfig.for_model("llama", tie_word_embeddings=True, pad_token_id=0, **kwargs)
     torch.manual_seed(0)
@@ -157,7 +159,7 @@ def run(model: str, steps: int = 10, warmup: int = 2, k: int = 64) -> dict:
         sft = SFTModule(net, opt)
         kd = KDModule(net, opt, loss={"divergence": "fkl", "ce_weight": 0.5})
         sft_s, kd_s, tokens, join_s = time_interleaved(
-            sft, kd, Collator(0), KDCollator(Collator(0), store), examples, batch_size, steps, warmup
+            sft, kd, Collator(0), KDCollator(Collator(0), store), examples, batch_size, steps, warmup, precision
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -166,6 +168,7 @@ def run(model: str, steps: int = 10, warmup: int = 2, k: int = 64) -> dict:
         "parameters_m": sum(p.numel() for p in net.parameters()) / 1e6,
         "batch": f"{batch_size}x{seq_len}",
         "k": min(k, vocab),
+        "precision": precision,
         "sft_step_s": sft_s,
         "kd_step_s": kd_s,
         "sft_tokens_per_s": tokens / sft_s,

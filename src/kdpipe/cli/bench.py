@@ -78,9 +78,14 @@ def bench_step(args: argparse.Namespace) -> dict:
     optimizers = known_names(args.optimizer, OPTIMIZERS, "--optimizer")
     packing = [{"off": False, "on": True}[p] for p in known_names(args.packing, ("off", "on"), "--packing")]
     known_names(args.teacher, TEACHERS, "--teacher")
-    rows = [run(model, steps=args.steps, warmup=args.warmup) for model in models if model in MODELS]
+    rows = [
+        run(model, steps=args.steps, warmup=args.warmup, precision=precision)
+        for model in models
+        if model in MODELS
+        for precision in precisions
+    ]
     if rows:
-        print_table("training step, SFT vs KD (CPU, bf16 autocast, fused loss, store read in the step)", rows)
+        print_table("training step, SFT vs KD (CPU, fused loss, store read and decoded in the step)", rows)
     result: dict = {"step": rows}
     for model in (m for m in models if m in REAL_MODELS):
         if args.data != "chat-arith":

@@ -10,11 +10,17 @@ from kdpipe.cli.bench import main
 
 
 def test_store_bench_writes_its_figures(tmp_path):
-    main(["store", "--positions", "256", "--json", str(tmp_path / "store.json")])
-    rows = json.loads((tmp_path / "store.json").read_text())["store"]
+    main(["store", "--positions", "256", "--synthetic-only", "--json", str(tmp_path / "store.json")])
+    written = json.loads((tmp_path / "store.json").read_text())
+    rows = written["store"]
     for key in ("bytes_per_entry", "bytes_per_token", "kl_error_nats", "write_tokens_per_s", "read_tokens_per_s"):
         assert all(row[key] > 0 for row in rows), key
-    assert rows[0]["bytes_per_entry"] <= 3.0 + 0.2  # headers weigh more in a 256-position store
+    assert {(r["teacher"], r["vocab_size"], r["k"], r["scheme"]) for r in rows} >= {
+        ("synthetic", 49152, 64, "sorted-ans-v2"), ("synthetic", 49152, 64, "rowmax-pow4-v1"),
+        ("synthetic", 153376, 128, "sorted-ans-v2"),
+    }  # fmt: skip
+    assert rows[0]["bytes_per_entry"] <= 2.0 + 0.3  # headers and models weigh more in a 256-position store
+    assert {r["read_as"] for r in written["posthoc"]} == {"k'=16", "k'=32", "T'=0.5", "T'=0.75", "T'=1.5", "T'=2.0"}
 
 
 def test_loss_bench_measures_each_case_in_its_own_process(tmp_path):
@@ -24,11 +30,11 @@ def test_loss_bench_measures_each_case_in_its_own_process(tmp_path):
     summary = written["loss"]
     assert [(r["divergence"], r["tail"]) for r in summary] == [("jsd", "bucket")]
     assert [(c["case"], c["divergence"]) for c in written["cases"]] == [
-        ("floor", None), ("plain", "jsd"), ("fused", "jsd")
+        ("floor", None), ("chunked_floor", None), ("plain", "jsd"), ("fused", "jsd")
     ]  # fmt: skip
     for row in summary:
         assert row["peak_mem_ratio_vs_plain"] >= 0  # tiny logits may not grow the RSS high-water mark at all
-        for key in ("time_ratio_vs_plain", "time_ratio_vs_floor"):
+        for key in ("time_ratio_vs_plain", "time_ratio_vs_floor", "time_ratio_vs_chunked_floor"):
             assert row[key] > 0, key
 
 
