@@ -61,7 +61,9 @@ def bench_loss(args: argparse.Namespace) -> dict:
     divergences = known_names(args.divergences, DIVERGENCES, "--divergences")
     tails = known_names(args.tails, TAIL_MODES, "--tails")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows, summary = run(shapes, device, args.repeats, args.warmup, args.chunk_size, divergences, tails)
+    rows, summary = run(
+        shapes, device, args.repeats, args.warmup, args.chunk_size, divergences, tails, not args.no_chunked_floor
+    )
     shown = ("shape", "divergence", "tail", "floor_s", "plain_s", "fused_s", "fused_peak_gib", "plain_peak_gib")
     print_table(
         f"LM-head loss, forward + backward ({device}; divergence + CE 0.5, k from the shape)",
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     store.add_argument("--json", type=Path, help="also write the figures here")
     loss = sub.add_parser("loss", help="fused vs plain vs LM-head floor: time and peak memory, per shape")
     loss.add_argument("--shapes", default="smollm2-135m,openpangu-1b", help="comma-separated shape names")
+    loss.add_argument(
+        "--no-chunked-floor", action="store_true", help="skip the chunked floor (the fused loop's matmuls alone)"
+    )
     loss.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     loss.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
     loss.add_argument("--warmup", type=int, default=1, help="untimed runs first")

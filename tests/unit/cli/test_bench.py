@@ -19,23 +19,33 @@ def test_store_bench_writes_its_figures(tmp_path):
         ("synthetic", 49152, 64, "sorted-ans-v2"), ("synthetic", 49152, 64, "rowmax-pow4-v1"),
         ("synthetic", 153376, 128, "sorted-ans-v2"),
     }  # fmt: skip
-    assert rows[0]["bytes_per_entry"] <= 2.0 + 0.3  # headers and models weigh more in a 256-position store
+    by = {(r["vocab_size"], r["k"], r["scheme"]): r["bytes_per_entry"] for r in rows}
+    # a 256-position store is mostly headers and per-shard models; still, v2 stays below v1
+    assert by[(49152, 64, "sorted-ans-v2")] < by[(49152, 64, "rowmax-pow4-v1")] <= 3.0 + 0.2
     assert {r["read_as"] for r in written["posthoc"]} == {"k'=16", "k'=32", "T'=0.5", "T'=0.75", "T'=1.5", "T'=2.0"}
 
 
 def test_loss_bench_measures_each_case_in_its_own_process(tmp_path):
-    args = ["loss", "--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--divergences", "jsd"]
+    args = ["loss", "--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--divergences", "jsd", "--no-chunked-floor"]
     main([*args, "--json", str(tmp_path / "loss.json")])  # each process costs an import: keep the cases few
     written = json.loads((tmp_path / "loss.json").read_text())
     summary = written["loss"]
     assert [(r["divergence"], r["tail"]) for r in summary] == [("jsd", "bucket")]
     assert [(c["case"], c["divergence"]) for c in written["cases"]] == [
-        ("floor", None), ("chunked_floor", None), ("plain", "jsd"), ("fused", "jsd")
+        ("floor", None), ("plain", "jsd"), ("fused", "jsd")
     ]  # fmt: skip
     for row in summary:
         assert row["peak_mem_ratio_vs_plain"] >= 0  # tiny logits may not grow the RSS high-water mark at all
-        for key in ("time_ratio_vs_plain", "time_ratio_vs_floor", "time_ratio_vs_chunked_floor"):
+        assert row["time_ratio_vs_chunked_floor"] is None  # skipped
+        for key in ("time_ratio_vs_plain", "time_ratio_vs_floor"):
             assert row[key] > 0, key
+
+
+def test_the_chunked_floor_runs_the_fused_loops_matmuls():
+    from kdpipe.benchmarks.loss import run_case
+
+    row = run_case("chunked_floor", "tiny", "cpu", repeats=1, warmup=0, chunk_size=None)
+    assert row["case"] == "chunked_floor" and row["divergence"] is None and row["seconds"] > 0
 
 
 def test_step_bench_reports_kd_over_sft(tmp_path):

@@ -3,6 +3,7 @@ training subsets, store unions. Sampling a rollout set is kdpipe.engines.rollout
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -80,7 +81,7 @@ def test_train_fraction_subsets_are_nested_and_about_the_right_size():
         subset_by_id(examples, 0.0)
 
 
-def test_store_union_reads_each_id_from_its_store_and_refuses_mixed_codecs(tokenizer, tmp_path):
+def test_store_union_reads_each_id_from_its_store_and_refuses_mixed_signals(tokenizer, tmp_path):
     from kdpipe.store.reader import StoreError, StoreUnion, TeacherStore
 
     examples = encoded(tokenizer)
@@ -96,8 +97,14 @@ def test_store_union_reads_each_id_from_its_store_and_refuses_mixed_codecs(token
     with pytest.raises(StoreError, match="no teacher store"):
         union.get("missing")
 
-    class OtherK:
-        spec, k, path = None, 3, tmp_path / "other"
+    class OtherK:  # another k: the rows would not stack into one batch
+        spec, k, path, temperature = dataclasses.replace(a.spec, k=3), 3, tmp_path / "other", a.temperature
 
-    with pytest.raises(StoreError, match="encoded differently"):
+    with pytest.raises(StoreError, match="hold different signals"):
         StoreUnion([a, OtherK()])
+
+    class OtherT:  # another temperature: the same bins would mean different distributions
+        spec, k, path, temperature = a.spec, a.k, tmp_path / "hot", 2.0
+
+    with pytest.raises(StoreError, match="different temperatures"):
+        StoreUnion([a, OtherT()])
