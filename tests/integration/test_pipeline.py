@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -279,3 +280,17 @@ def test_teacher_scorer_without_a_store_is_refused(tiny_cfg):
         train(
             tiny_cfg("pipeline.order=[sft_reasoning]", "+pipeline.stages.sft_reasoning.curriculum.scorer=teacher_nll")
         )
+
+
+def test_a_kd_stage_reads_its_store_at_a_smaller_k_and_another_temperature(tiny_cfg, tmp_path):
+    """teacher_k / teacher_temperature: the same capture read post hoc, no second score stage."""
+    score_k = int(tiny_cfg().pipeline.stages.score.k)
+    cfg = tiny_cfg(
+        f"pipeline.stages.kd_fast.teacher_k={score_k // 2}",
+        "pipeline.stages.kd_fast.teacher_temperature=2.0",
+        "pipeline.stages.kd_fast.loss.temperature=2.0",
+    )
+    train(cfg)
+    kd = json.loads((tmp_path / "run" / "05_kd_fast" / "metrics.json").read_text())["metrics"]
+    assert kd["teacher_k"] == score_k // 2 and kd["teacher_temperature"] == 2.0
+    assert 0.0 < kd["kd_teacher_topk_mass"] < 1.0 and math.isfinite(kd["train_divergence"])
