@@ -102,7 +102,8 @@ def fused_sparse_kd_terms(
         lm_head_bias: optional [V].
         has_teacher: as for ``sparse_kd_loss``.
         chunk_size: label positions per chunk (peak memory ~ chunk_size x V floats, times a few); default:
-            :func:`kdpipe.losses.chunked.auto_chunk_size` (about 64 MiB of float32 logits per chunk).
+            :func:`kdpipe.losses.chunked.auto_chunk_size` (about 64 MiB of float32 logits per chunk, at least
+            512 positions).
         backend: ``auto`` (default), ``generic`` or ``npu``: how each chunk's CE is computed
             (:mod:`kdpipe.losses.backends`).
         **overrides: fields of :class:`KDLossSettings` to change for this call (``ce_weight=1.0``).
