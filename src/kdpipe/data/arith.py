@@ -3,11 +3,25 @@
 Every example is a plain dict (the same shape the data loaders produce for user data)::
 
     {"id": "arith-L4-3f2a9c1b0d", "level": 4, "prompt": "7+3*6", "answer": "25",
-     "responses": {"reasoning": "3*6=18\\n7+18=25\\nAnswer: 25", "fast": "Answer: 25"}}
+     "responses": {"reasoning": "mul 3*6=18\\nadd 7+18=25\\ncheck 25-18=7\\nAnswer: 25",
+                   "fast": "3*6=18 7+18=25\\nAnswer: 25"}}
 
 Difficulty grows with the level: more operands, more digits, more operator kinds. Multiplication binds
-tighter than addition and subtraction, so higher levels need an ordering of steps, which the ``reasoning``
-response spells out one equation per line. Every intermediate result stays in ``[0, max_value]``.
+tighter than addition and subtraction, so higher levels need an ordering of steps. Every intermediate result
+stays in ``[0, max_value]``.
+
+The two response styles (``version: 2``, the default) are what real systems call thinking and non-thinking
+modes: ``reasoning`` is a long trace (each step named on its own line, then a check of the last step by its
+inverse), ``fast`` a concise solution (the bare equations on one line). Both end in ``Answer: N``. Version 1
+(``reasoning`` the bare equations one per line, ``fast`` the answer alone) stays for older runs; at CPU scale
+no model learned its fast mode (docs/results.md).
+
+**Label noise** (``label_noise``): the human labels of the training split may carry an annotator's systematic
+slip, which a teacher trained on clean data does not make: ``slip`` drops the carry of a last-step addition or
+the borrow of a last-step subtraction (``18+16=24``, ``52-17=45``), in the working and the answer alike, for a
+share ``rate`` of the problems where the slip changes the result; ``random`` replaces the final answer alone
+by another value (the working stays right). Validation and test splits are never noisy: they are the
+references.
 
 Splits never share a problem: the split of a problem is a pure function of its expression (a hash), so
 generating more examples for one split can never pull a problem into another.
@@ -80,6 +94,11 @@ def solve(operands: list[int], ops: list[str]) -> tuple[int, list[str]]:
     return values[0], steps
 
 
+STEP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
+STEP_RE = re.compile(r"^(\d+)([-+*])(\d+)=(\d+)$")
+NOISE_KINDS = ("slip", "random")
+
+
 def _intermediates(steps: list[str]) -> list[int]:
     return [int(step.rsplit("=", 1)[1]) for step in steps]
 
@@ -99,17 +118,85 @@ def draw_problem(rng: random.Random, spec: LevelSpec, max_value: int) -> tuple[s
             return expression, value, steps
 
 
-def make_example(level: int, expression: str, value: int, steps: list[str]) -> dict:
+def check_step(step: str) -> str:
+    """The check of a step by its inverse: ``18+16=34`` -> ``34-16=18``; ``6*7=42`` -> ``42/7=6``."""
+    a, op, b, c = STEP_RE.match(step).groups()
+    if op == "+":
+        return f"{c}-{b}={a}"
+    if op == "-":
+        return f"{c}+{b}={a}"
+    if b != "0":
+        return f"{c}/{b}={a}"
+    return f"{c}/{a}={b}" if a != "0" else f"{b}*{a}={c}"
+
+
+def slipped(step: str) -> int | None:
+    """The result of ``step`` with the carry (``+``) or the borrow (``-``) of its units digit dropped, the
+    classic slips (``18+16`` -> 24, ``52-17`` -> 45); None when the step has neither (or is a product)."""
+    a, op, b, _ = STEP_RE.match(step).groups()
+    a, b = int(a), int(b)
+    if op == "+" and a % 10 + b % 10 >= 10:
+        return a + b - 10
+    if op == "-" and a % 10 < b % 10:
+        return 10 * (a // 10 - b // 10) + (b % 10 - a % 10)
+    return None
+
+
+def responses(steps: list[str], value: int, version: int = 2) -> dict[str, str]:
+    """Both response styles of a problem solved by ``steps`` with answer ``value``."""
+    answer_line = f"Answer: {value}"
+    if version == 1:
+        return {"reasoning": "\n".join([*steps, answer_line]), "fast": answer_line}
+    named = [f"{STEP_NAMES[STEP_RE.match(step).group(2)]} {step}" for step in steps]
+    return {
+        "reasoning": "\n".join([*named, f"check {check_step(steps[-1])}", answer_line]),
+        "fast": " ".join(steps) + "\n" + answer_line,
+    }
+
+
+def make_example(level: int, expression: str, value: int, steps: list[str], version: int = 2) -> dict:
     """Build the example dict (id, prompt, answer, both response styles) for one problem."""
     digest = hashlib.sha1(expression.encode()).hexdigest()[:10]
-    answer_line = f"Answer: {value}"
     return {
         "id": f"arith-L{level}-{digest}",
         "level": level,
         "prompt": expression,
         "answer": str(value),
-        "responses": {"reasoning": "\n".join([*steps, answer_line]), "fast": answer_line},
+        "responses": responses(steps, value, version),
     }
+
+
+def _noise_draw(expression: str, seed: int) -> float:
+    return int(hashlib.sha1(f"noise:{seed}:{expression}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def add_label_noise(
+    example: dict, steps: list[str], rate: float, kind: str, *, seed: int = 0, max_value: int = 99, version: int = 2
+) -> dict:
+    """The example as a noisy human label would have it (``rate`` of the problems the noise can change;
+    which ones is fixed by a hash of the expression and ``seed``). A changed example gets ``"noise": kind``
+    and its ``answer`` is the label's (wrong) one: what a user holding these labels would see."""
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown label_noise kind {kind!r}; expected one of {NOISE_KINDS}")
+    if rate <= 0.0 or _noise_draw(example["prompt"], seed) >= rate:
+        return example
+    value = int(example["answer"])
+    if kind == "slip":
+        wrong = slipped(steps[-1])
+        if wrong is None:
+            return example
+        a, op, b, _ = STEP_RE.match(steps[-1]).groups()
+        steps = [*steps[:-1], f"{a}{op}{b}={wrong}"]
+        made = responses(steps, wrong, version)
+        if version == 2:  # the annotator's check "confirms" the slipped result
+            lines = made["reasoning"].split("\n")
+            lines[-2] = f"check {wrong}{'-' if op == '+' else '+'}{b}={a}"
+            made["reasoning"] = "\n".join(lines)
+    else:
+        rng, responses_ = random.Random(f"noise-value:{seed}:{example['prompt']}"), example["responses"]
+        wrong = rng.choice([v for v in range(max_value + 1) if v != value])
+        made = {style: text.rsplit("Answer: ", 1)[0] + f"Answer: {wrong}" for style, text in responses_.items()}
+    return {**example, "answer": str(wrong), "responses": made, "noise": kind}
 
 
 def generate_split(
@@ -119,12 +206,21 @@ def generate_split(
     seed: int = 0,
     levels: list[int] | None = None,
     max_value: int = 99,
+    version: int = 2,
+    noise_rate: float = 0.0,
+    noise_kind: str = "slip",
+    noise_seed: int = 0,
 ) -> list[dict]:
     """Generate up to ``n_per_level`` distinct problems per level for one split.
 
-    Deterministic for (split, n_per_level, seed, levels, max_value). A level whose problem space is
-    smaller than asked (level 1 has about 100 problems in all) yields what it has.
+    Deterministic for all arguments. A level whose problem space is smaller than asked (level 1 has about 100
+    problems in all) yields what it has. ``noise_*`` (:func:`add_label_noise`) apply to the train split only.
+    The problems drawn do not depend on ``version`` or the noise.
     """
+    if version not in (1, 2):
+        raise ValueError(f"unknown arith version {version}; versions are 1 and 2")
+    if not 0.0 <= noise_rate <= 1.0:
+        raise ValueError(f"label_noise.rate must be in [0, 1], got {noise_rate}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     levels = sorted(LEVELS) if levels is None else list(levels)
@@ -141,7 +237,12 @@ def generate_split(
             if expression in seen or split_of(expression) != split:
                 continue
             seen.add(expression)
-            examples.append(make_example(level, expression, value, steps))
+            example = make_example(level, expression, value, steps, version)
+            if split == "train" and noise_rate > 0.0:
+                example = add_label_noise(
+                    example, steps, noise_rate, noise_kind, seed=noise_seed, max_value=max_value, version=version
+                )
+            examples.append(example)
     return examples
 
 

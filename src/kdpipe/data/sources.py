@@ -35,10 +35,12 @@ CACHE_SIZE = 16
 @dataclass(frozen=True)
 class LoadedSplit:
     """One split's examples and the invalid records dropped from it (``data.on_error=skip``): each a
-    :class:`~kdpipe.data.records.Problem` (where it is, what is wrong)."""
+    :class:`~kdpipe.data.records.Problem` (where it is, what is wrong); ``unlabelled``: ``(id, where)`` of each
+    prompt-only record (a prompt and no response: input for rollout stages only)."""
 
     examples: list[dict]
     problems: tuple[Problem, ...] = ()
+    unlabelled: tuple[tuple[str, str], ...] = ()
 
     @property
     def skipped_invalid(self) -> int:
@@ -47,8 +49,8 @@ class LoadedSplit:
 
 
 @lru_cache(maxsize=16)
-def _arith_split(split: str, n_per_level: int, seed: int, levels: tuple[int, ...], max_value: int) -> tuple:
-    return tuple(arith.generate_split(split, n_per_level, seed=seed, levels=list(levels), max_value=max_value))
+def _arith_split(split: str, n_per_level: int, seed: int, levels: tuple[int, ...], max_value: int, **task) -> tuple:
+    return tuple(arith.generate_split(split, n_per_level, seed=seed, levels=list(levels), max_value=max_value, **task))
 
 
 def load_arith(cfg: DictConfig, split: str) -> LoadedSplit:
@@ -56,7 +58,14 @@ def load_arith(cfg: DictConfig, split: str) -> LoadedSplit:
     key = f"n_{split}_per_level"
     if key not in cfg:
         raise KeyError(f"data config has no {key!r}")
-    examples = _arith_split(split, int(cfg[key]), int(cfg.seed), tuple(cfg.levels), int(cfg.max_value))
+    noise = cfg.get("label_noise") or {}
+    task = {
+        "version": int(cfg.get("version", 1)),
+        "noise_rate": float(noise.get("rate", 0.0)),
+        "noise_kind": str(noise.get("kind", "slip")),
+        "noise_seed": int(noise.get("seed", 0)),
+    }
+    examples = _arith_split(split, int(cfg[key]), int(cfg.seed), tuple(cfg.levels), int(cfg.max_value), **task)
     return LoadedSplit(list(examples))
 
 
@@ -208,7 +217,7 @@ def load_records(cfg: DictConfig, split: str) -> LoadedSplit:
             _PARSED.pop(next(iter(_PARSED)))
         _PARSED[key] = check_parsed(parse_records(rows, spec), spec, what)
     parsed = _PARSED[key]
-    return LoadedSplit(parsed.examples, tuple(parsed.problems))
+    return LoadedSplit(parsed.examples, tuple(parsed.problems), tuple(parsed.unlabelled))
 
 
 SOURCES: dict[str, Callable[[DictConfig, str], LoadedSplit]] = {
@@ -223,7 +232,7 @@ def load_split(cfg: DictConfig, split: str) -> LoadedSplit:
     if cfg.source not in SOURCES:
         raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
     loaded = SOURCES[cfg.source](cfg, split)
-    return LoadedSplit([dict(e) for e in loaded.examples], loaded.problems)
+    return LoadedSplit([dict(e) for e in loaded.examples], loaded.problems, loaded.unlabelled)
 
 
 def load_examples(cfg: DictConfig, split: str) -> list[dict]:
@@ -265,6 +274,10 @@ def data_identity(cfg: DictConfig, split: str, examples: list[dict]) -> dict:
     return identity
 
 
+def _id_bucket(example: dict) -> int:
+    return int(hashlib.sha1(str(example["id"]).encode()).hexdigest()[:8], 16)
+
+
 def subset_by_id(examples: list[dict], fraction: float) -> list[dict]:
     """The examples whose id hashes below ``fraction``: about that share, the same for every run, and
     nested (a smaller fraction's subset lies inside a larger one's), so data-scale studies compare like
@@ -274,4 +287,13 @@ def subset_by_id(examples: list[dict], fraction: float) -> list[dict]:
     if fraction == 1.0:
         return examples
     threshold = int(fraction * 2**32)
-    return [e for e in examples if int(hashlib.sha1(str(e["id"]).encode()).hexdigest()[:8], 16) < threshold]
+    return [e for e in examples if _id_bucket(e) < threshold]
+
+
+def outside_subset_by_id(examples: list[dict], fraction: float) -> list[dict]:
+    """The examples :func:`subset_by_id` leaves out at ``fraction``: its exact complement (e.g. the prompts a
+    teacher labels for a student that later trains on the ``train_fraction`` subset's human labels)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"exclude_fraction must be in [0, 1), got {fraction}")
+    threshold = int(fraction * 2**32)
+    return [e for e in examples if _id_bucket(e) >= threshold]
