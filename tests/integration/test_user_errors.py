@@ -74,7 +74,7 @@ def skipping_run(tmp_path_factory) -> tuple[Path, Path]:
     (``data.on_error=skip``); returns (the run folder, the data file)."""
     root = tmp_path_factory.mktemp("skipping")
     good = [{"id": f"q{i}", "prompt": f"{i}+1?", "response": f"Answer: {i + 1}", "answer": i + 1} for i in range(6)]
-    data = write_records(root / "data.jsonl", [*good, "{oops", {"prompt": "x"}, {"response": "y"}])
+    data = write_records(root / "data.jsonl", [*good, "{oops", {"prompt": "x", "response": 3}, {"response": "y"}])
     args = TinyConfig(root).args(*ONE_STAGE, *chat_data_overrides(data), "data.on_error=skip")
     run_cli("kdpipe-train", *args, "logger=none", "callbacks=default", cwd=root)
     (run,) = run_folders(root)

@@ -22,7 +22,7 @@ from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler, Wi
 from kdpipe.data.encode import encode_example, system_prompt_for
 from kdpipe.data.records import Problem
 from kdpipe.data.scorers import example_scores
-from kdpipe.data.sources import load_split, subset_by_id
+from kdpipe.data.sources import LoadedSplit, load_split, subset_by_id
 from kdpipe.store import posthoc
 from kdpipe.types import EncodedExample
 from kdpipe.utils.io import atomic_write_text
@@ -35,6 +35,12 @@ def encode_examples(
     and how many were dropped for exceeding ``data.max_length``. With ``data.overlong=truncate`` long examples
     are cut instead (``EncodedExample.truncated``), and dropped only when no label token is left."""
     max_length, overlong = data_cfg.get("max_length"), str(data_cfg.get("overlong") or "drop")
+    unlabelled = [ex["id"] for ex in examples if ex.get("unlabelled")]
+    if unlabelled:
+        raise ValueError(
+            f"{len(unlabelled)} prompt-only example(s) (no response), e.g. {unlabelled[0]!r}: there is nothing to "
+            "train on or score; only rollout stages read prompt-only records"
+        )
     encoded = [
         encode_example(tokenizer, ex, style, max_length, system_prompt_for(data_cfg, style), overlong)
         for style in styles
@@ -76,6 +82,9 @@ class PostTrainDataModule(L.LightningDataModule):
         onpolicy_lambda: the share of every training batch drawn from the on-policy pool (0: labels only,
             1: on-policy only).
         train_fraction: train on this id-hashed, nested share of the training split.
+        train_examples: the training pool itself (example dicts, e.g. the kept records of a rollout set: a
+            stage's ``data_from``), instead of the data config's training split; validation still reads the
+            data config's ``val`` split.
     """
 
     def __init__(
@@ -96,6 +105,7 @@ class PostTrainDataModule(L.LightningDataModule):
         onpolicy_store=None,
         onpolicy_lambda: float = 0.0,
         train_fraction: float = 1.0,
+        train_examples: list[dict] | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer, self.data_cfg = tokenizer, data
@@ -119,6 +129,7 @@ class PostTrainDataModule(L.LightningDataModule):
         )
         self.onpolicy: list[EncodedExample] | None = None
         self.train_fraction = float(train_fraction)
+        self.train_raw = train_examples
         self.collator = Collator(tokenizer.pad_token_id, packing=bool(data.get("packing", False)))
         stores = [st for st in (store, onpolicy_store if onpolicy_lambda > 0 else None) if st is not None]
         if stores:
@@ -133,7 +144,10 @@ class PostTrainDataModule(L.LightningDataModule):
         """Load and tokenize one split; examples over ``data.max_length`` tokens are dropped (or truncated)
         and counted, as are the invalid records a file source skipped."""
         if split not in self.datasets:
-            loaded = load_split(self.data_cfg, split)
+            if split == "train" and self.train_raw is not None:  # e.g. a rollout set (data_from)
+                loaded = LoadedSplit(list(self.train_raw))
+            else:
+                loaded = load_split(self.data_cfg, split)
             self.skipped_invalid[split], self.skipped[split] = loaded.skipped_invalid, loaded.problems
             raw = subset_by_id(loaded.examples, self.train_fraction) if split == "train" else loaded.examples
             encoded, self.dropped[split] = encode_examples(self.tokenizer, self.data_cfg, raw, self.styles)
@@ -147,6 +161,8 @@ class PostTrainDataModule(L.LightningDataModule):
         """The invalid records dropped (``data.on_error=skip``) from each of ``splits``: those of the splits this
         module loaded, and of any other split read now (e.g. the evaluation's; parsed splits are cached)."""
         for split in splits:
+            if split == "train" and self.train_raw is not None:
+                self.skipped.setdefault(split, ())
             if split not in self.skipped:
                 self.skipped[split] = load_split(self.data_cfg, split).problems
         return {split: list(self.skipped[split]) for split in dict.fromkeys(splits)}

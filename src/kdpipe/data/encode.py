@@ -27,10 +27,13 @@ def prompt_messages(example: dict, system_prompt: str | None = None) -> list[dic
     """The messages up to (not including) the last assistant turn: what a model is asked at evaluation.
 
     ``system_prompt`` (the style's guidance) is prepended to prompt/response examples; chat examples in
-    ``messages`` form keep their own system turns.
+    ``messages`` form keep their own system turns. A chat that ends with a user turn (a prompt-only record)
+    is its own prompt.
     """
     if "messages" in example:
         msgs = example["messages"]
+        if msgs[-1]["role"] != "assistant":
+            return list(msgs)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         return msgs[:last]
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -43,7 +46,7 @@ def reference_reply(example: dict, style: str | None) -> str | None:
     responses = example.get("responses") or {}
     if style is not None and style in responses:
         return responses[style]
-    if "messages" in example:
+    if "messages" in example and not example.get("unlabelled"):
         return next(m["content"] for m in reversed(example["messages"]) if m["role"] == "assistant")
     return None
 
@@ -57,6 +60,11 @@ def to_messages(example: dict, style: str, system_prompt: str | None = None) -> 
     responses = example.get("responses") or {}
     if style in responses:
         return [*prompt_messages(example, system_prompt), {"role": "assistant", "content": responses[style]}]
+    if example.get("unlabelled"):
+        raise KeyError(
+            f"example {example.get('id')!r} is a prompt-only record (no response to learn or score): only "
+            "rollout stages read such records"
+        )
     if "messages" in example:
         return example["messages"]
     raise KeyError(f"example {example.get('id')!r} has no {style!r} response (has {sorted(responses)})")

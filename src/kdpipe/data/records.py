@@ -10,12 +10,19 @@ A record is in one of two formats (field names are configurable, see :class:`Rec
   then has exactly the styles it lists). Flat columns map onto the dict through the field map:
   ``fields.response: {reasoning: response_reasoning, fast: response_fast}``.
 
+A record with a prompt and no response is valid too, as input for rollout stages (the model under study
+writes the responses): a ``prompt`` without ``response`` (absent or null; every flat response column empty),
+or a chat whose last turn is a ``user`` turn. Its example is marked ``"unlabelled": True`` and has no
+``responses``; :attr:`ParsedRecords.unlabelled` lists where each one is, so that stages that train on or
+score labels can refuse them naming ``file:line`` (:mod:`kdpipe.pipeline.preflight`).
+
 Optional fields: ``id`` (else ``<id_prefix>-<sha1 of the content>[:12]``), ``difficulty`` (a number, becomes
 the example's ``level`` for the ``level`` curriculum scorer and per-level metrics) and ``answer`` (checked
 by the evaluation's exact match). Ids must be unique within a split.
 
 The result has the shape of the built-in task's examples (:mod:`kdpipe.data.arith`): ``{"id", "prompt",
-"responses", "level", "answer"}``, or ``{"id", "messages", "level", "answer"}`` for chat records.
+"responses", "level", "answer"}``, or ``{"id", "messages", "level", "answer"}`` for chat records
+(``{"id", "prompt" | "messages", "unlabelled": True, "level", "answer"}`` for a prompt-only record).
 
 Every bad record becomes a :class:`Problem` naming where it is (``file:line`` for JSONL, ``... row i``,
 0-based, for tables) and what is wrong. ``on_error=fail`` raises one :class:`DataError` listing the first
@@ -131,10 +138,12 @@ class RecordSpec:
 
 @dataclass
 class ParsedRecords:
-    """The valid examples of one split, in record order, and the bad records (dropped under ``skip``)."""
+    """The valid examples of one split, in record order, the bad records (dropped under ``skip``), and
+    ``(id, where)`` of each prompt-only record (valid, but only for stages that need no labels)."""
 
     examples: list[dict]
     problems: list[Problem]
+    unlabelled: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -176,25 +185,27 @@ def parse_messages(value: Any, spec: RecordSpec) -> list[dict]:
         if role == "system" and i > 0:
             raise RecordError(f"{where}: a system turn may only come first")
         messages.append({"role": role, "content": _text(turn[content_key], f"{where}.{content_key}")})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError(f"{name!r} has no assistant turn")
-    if messages[-1]["role"] != "assistant":
-        raise RecordError(f"{name!r} must end with an assistant turn, ends with {messages[-1]['role']!r}")
+    if messages[-1]["role"] == "system":
+        raise RecordError(f"{name!r} must end with an assistant turn (or a user turn: a prompt), ends with 'system'")
     return messages
 
 
+def has_response(record: Mapping, spec: RecordSpec) -> bool:
+    """Whether a prompt/response record has a response at all (else it is a prompt only)."""
+    column = spec.fields["response"]
+    if isinstance(column, dict):
+        return any(_present(record.get(col)) for col in column.values())
+    return _present(record.get(column))
+
+
 def parse_responses(record: Mapping, spec: RecordSpec) -> dict[str, str]:
-    """The response variants of a prompt/response record, keyed by style."""
+    """The response variants of a prompt/response record, keyed by style (it has one: :func:`has_response`)."""
     column = spec.fields["response"]
     if isinstance(column, dict):  # flat columns, one per style
         variants = {style: record.get(col) for style, col in column.items()}
         where = {style: repr(col) for style, col in column.items()}
-        if not any(_present(v) for v in variants.values()):
-            raise RecordError(f"missing response: none of the fields {sorted(column.values())} is set")
     else:
         value = record.get(column)
-        if not _present(value):
-            raise RecordError(f"missing field {column!r}")
         if isinstance(value, str):
             text = _text(value, repr(column))
             return {style: text for style in spec.styles}
@@ -231,8 +242,14 @@ def parse_record(record: Any, spec: RecordSpec) -> dict:
         raise RecordError(f"has both {f['messages']!r} and {f['prompt']!r}: give one format per record")
     if has_messages:
         example: dict = {"messages": parse_messages(record[f["messages"]], spec)}
+        if example["messages"][-1]["role"] == "user":  # a prompt for the next reply, which no one wrote
+            example["unlabelled"] = True
     elif has_prompt:
-        example = {"prompt": _text(record[f["prompt"]], repr(f["prompt"])), "responses": parse_responses(record, spec)}
+        example = {"prompt": _text(record[f["prompt"]], repr(f["prompt"]))}
+        if has_response(record, spec):
+            example["responses"] = parse_responses(record, spec)
+        else:
+            example["unlabelled"] = True
     else:
         raise RecordError(f"missing field: a record needs {f['messages']!r} or {f['prompt']!r}")
     example = {"id": parse_id(record.get(f["id"]), example, spec), **example}
@@ -262,7 +279,7 @@ def parse_records(rows: Iterable[tuple[str, Any]], spec: RecordSpec) -> ParsedRe
     """Parse ``(where, record)`` pairs; a record that is an exception (e.g. invalid JSON) is a problem as is.
 
     Duplicate ids are problems too (the first record with an id is kept)."""
-    examples, problems, first_seen = [], [], {}
+    examples, problems, first_seen, unlabelled = [], [], {}, []
     for where, record in rows:
         try:
             if isinstance(record, Exception):
@@ -276,7 +293,9 @@ def parse_records(rows: Iterable[tuple[str, Any]], spec: RecordSpec) -> ParsedRe
             continue
         first_seen[example["id"]] = where
         examples.append(example)
-    return ParsedRecords(examples, problems)
+        if example.get("unlabelled"):
+            unlabelled.append((example["id"], where))
+    return ParsedRecords(examples, problems, unlabelled)
 
 
 def check_parsed(parsed: ParsedRecords, spec: RecordSpec, what: str) -> ParsedRecords:

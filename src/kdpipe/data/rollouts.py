@@ -6,6 +6,10 @@ A rollout dataset is a folder::
     part-00001.jsonl   # ... each part written atomically: the unit of resume
     manifest.json      # written last: settings, counts, the filters; its presence marks the set complete
 
+A rollout stage with ``withhold_labels`` samples from the prompts alone (:func:`withhold_labels`: no
+response, no answer, a chat cut before its reply), so the set holds no trace of the labels; its ``correct``
+is then what the task can check without them (:func:`task_answer`: the built-in task solves its prompt).
+
 Each record is an example dict like the source's (``prompt``, ``level``, ``answer``, ``responses``), with
 ``id = "<prompt id>#s<j>"`` (sample j of that prompt), ``prompt_id``, ``sample``, ``finished`` (ended its
 turn) and ``correct`` (the task's check, when it has one). Parts keep every sample; the filters are applied
@@ -18,9 +22,13 @@ rollout reproduces the parts an uninterrupted one would write).
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdpipe.data import arith
+from kdpipe.data.encode import prompt_messages
 from kdpipe.utils.io import read_json
 
 MANIFEST = "manifest.json"
@@ -83,3 +91,37 @@ def load_rollouts(root: str | Path) -> list[dict]:
     records = [r for index in range(int(manifest["parts"])) for r in read_part(part_path(root, index))]
     settings = manifest["settings"]
     return apply_filters(records, bool(settings["drop_truncated"]), bool(settings["only_correct"]))
+
+
+LABEL_FIELDS = ("responses", "answer", "unlabelled")  # what withhold_labels leaves out of a prompt
+_EXPRESSION = re.compile(r"\d+(?:[+\-*]\d+)*")
+
+
+def withhold_labels(prompts: list[dict]) -> list[dict]:
+    """The prompts without their labels: responses and answers left out, a chat cut to the turns before its
+    (last) reply. Ids and levels stay: they say which prompt it is and how hard, not what the answer is."""
+    withheld = []
+    for example in prompts:
+        kept = {k: v for k, v in example.items() if k not in LABEL_FIELDS}
+        if "messages" in kept:
+            kept["messages"] = prompt_messages(example)
+        withheld.append(kept)
+    return withheld
+
+
+def arith_answer(example: dict) -> str | None:
+    """The built-in task's answer, solved from its prompt alone (an expression such as ``7+3*6``)."""
+    prompt = str(example.get("prompt") or "").strip()
+    if not _EXPRESSION.fullmatch(prompt):
+        return None
+    tokens = re.findall(r"\d+|[+\-*]", prompt)
+    value, _ = arith.solve([int(t) for t in tokens[0::2]], tokens[1::2])
+    return str(value)
+
+
+def task_answer(data_cfg) -> Callable[[dict], str | None] | None:
+    """How the task checks a response without the record's labels: the built-in task (``data.source=arith``)
+    computes the answer from the prompt; None for every other source (its answers are labels)."""
+    if data_cfg is not None and data_cfg.get("source") == "arith":
+        return arith_answer
+    return None

@@ -55,7 +55,7 @@ def sample_part(
     records = []
     for i, generation in enumerate(generations):
         prompt, sample = prompts[i // settings.n_samples], i % settings.n_samples
-        record = {k: v for k, v in prompt.items() if k not in ("id", "responses")}
+        record = {k: v for k, v in prompt.items() if k not in ("id", "responses", "unlabelled")}
         record.update(
             id=rollout_id(prompt["id"], sample),
             prompt_id=prompt["id"],

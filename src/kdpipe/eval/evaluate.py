@@ -27,7 +27,8 @@ def label_loss(
     encoded = [
         encode_example(tokenizer, ex, style, system_prompt=system_prompt)
         for ex in examples
-        if style in ex.get("responses", {}) or "messages" in ex  # chat records carry their own assistant turns
+        # chat records carry their own assistant turns; a prompt-only record has nothing to score
+        if style in ex.get("responses", {}) or ("messages" in ex and not ex.get("unlabelled"))
     ]
     if not encoded:
         return None

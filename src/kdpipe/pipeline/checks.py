@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from kdpipe.data.scorers import needs_store
+from kdpipe.data.sources import load_split
 from kdpipe.errors import PipelineConfigError
+from kdpipe.eval.metrics import UserMetric
 from kdpipe.eval.plan import MetricNotApplicable, plan_evaluation
 from kdpipe.models.factory import build_tokenizer
 from kdpipe.models.vocab import vocabulary_differences
@@ -82,11 +84,36 @@ def check_evaluations(cfg: DictConfig, specs: Sequence[StageSpec]) -> dict[str, 
             plan = plan_evaluation(cfg.data, settings.eval, eval_style(settings))
         except MetricNotApplicable as err:
             raise PipelineConfigError(f"stage {spec.name!r}: {err}") from err
+        check_prompt_only(cfg, spec, plan)
         resolved[spec.name] = plan.metric.name
         if plan.note and plan.note not in notes:
             notes.add(plan.note)
             console.print(f"[yellow]{plan.note}")
     return resolved
+
+
+def check_prompt_only(cfg: DictConfig, spec: StageSpec, plan) -> None:
+    """An evaluation refuses the prompt-only records (no response) of its split that its metric cannot score:
+    every one under ``loss`` or ``reference_match``-like metrics, those without an ``answer`` under
+    ``answer_match``; a metric of your own (``_target_``) decides for itself."""
+    metric = plan.metric
+    if isinstance(metric, UserMetric):
+        return
+    unscorable = {
+        e["id"]
+        for e in plan.examples
+        if e.get("unlabelled") and (not metric.generates or metric.reference_of(e) is None)
+    }
+    if not unscorable:
+        return
+    located = load_split(cfg.data, plan.split).unlabelled
+    where = next((w for id_, w in located if id_ in unscorable), plan.data.get("described"))
+    needs = "a response" if not metric.generates else "an `answer` or a response"
+    raise PipelineConfigError(
+        f"stage {spec.name!r}: eval.split={plan.split!r} has {len(unscorable)} prompt-only record(s) that "
+        f"eval.metric={metric.name} cannot score (each needs {needs}), the first at {where}: give them an "
+        "`answer`, or evaluate on labelled records"
+    )
 
 
 def check_lm_eval(stage: str, eval_cfg: DictConfig) -> None:

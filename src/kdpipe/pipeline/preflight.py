@@ -1,7 +1,10 @@
 """The preflight: everything a run will need, checked before stage 0, refused in one message listing every
-problem. Data splits the stages read parse and validate; numeric settings are in range; every store a stage
-reads exists and is intact, or an earlier stage of the order produces it; every output root is writable; on a
-resume, the stores and rollout sets of finished stages are intact (shard checksums: ``store_verify``)."""
+problem. Data splits the stages read parse and validate, and a stage that trains on or scores labels finds no
+prompt-only record in them; numeric settings are in range; every rollout set a stage reads is named without
+ambiguity (``rollouts_from``, ``data_from``, ``onpolicy_from``) and sampled earlier in the order; every store a
+stage reads exists and is intact, or an earlier stage of the order produces it; every output root is
+writable; on a resume, the stores and rollout sets of finished stages are intact (shard checksums:
+``store_verify``)."""
 
 from __future__ import annotations
 
@@ -13,11 +16,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from kdpipe.data.rollouts import MANIFEST as ROLLOUT_MANIFEST
+from kdpipe.data.rollouts import task_answer
 from kdpipe.data.scorers import needs_store
 from kdpipe.data.sources import load_split
 from kdpipe.errors import PipelineConfigError
 from kdpipe.models.factory import build_tokenizer
-from kdpipe.pipeline.spec import StageSpec, stage_styles
+from kdpipe.pipeline.result import Slot, slot_key
+from kdpipe.pipeline.spec import StageSpec, rollout_stage, score_slots, stage_styles
 from kdpipe.store.reader import StoreError, TeacherStore
 from kdpipe.store.writer import MANIFEST
 from kdpipe.utils.dist import is_rank_zero, rank_zero_console
@@ -63,6 +68,7 @@ RANGES: dict[str, dict[str, tuple[Callable, str]]] = {
         "batch_size": _POSITIVE,
         "part_size": _POSITIVE,
         "limit": _OPTIONAL_POSITIVE,
+        "exclude_fraction": (lambda v: v is None or 0.0 <= float(v) < 1.0, "null or in [0, 1)"),
     },
 }
 
@@ -95,8 +101,9 @@ def check_ranges(spec: StageSpec) -> list[str]:
     return problems
 
 
-def splits_read(specs: Sequence[StageSpec]) -> dict[str, list[str]]:
-    """Each data split the stages read, with the stages that read it."""
+def splits_read(specs: Sequence[StageSpec], labelled: bool = False) -> dict[str, list[str]]:
+    """Each data split the stages read, with the stages that read it; ``labelled``: only the reads that need
+    labels (training and scoring on them: prompt-only records refused), not rollouts' and evaluations'."""
     reads: dict[str, list[str]] = {}
 
     def add(split, name):
@@ -105,18 +112,26 @@ def splits_read(specs: Sequence[StageSpec]) -> dict[str, list[str]]:
     for spec in specs:
         settings = spec.config
         if spec.kind in ("sft", "kd"):
-            add("train", spec.name)
+            if settings.get("data_from") is None:  # else it trains on a rollout set
+                add("train", spec.name)
             add("val", spec.name)
-        if spec.kind in ("score", "rollout"):
+        if spec.kind == "score" and str(settings.get("sequences", "labels")) == "labels":
+            add(settings.get("split", "train"), spec.name)
+        if labelled:
+            continue
+        if spec.kind == "rollout":
             add(settings.get("split", "train"), spec.name)
         if spec.kind in ("sft", "kd", "eval") and settings.get("eval") and settings.eval.get("enabled", True):
             add(settings.eval.get("split", "test"), spec.name)
-    return reads
+    return {split: list(dict.fromkeys(readers)) for split, readers in reads.items()}
 
 
 def check_data(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
-    """Every split a stage reads loads and validates (a bad record is named by ``file:line``)."""
+    """Every split a stage reads loads and validates (a bad record is named by ``file:line``); a split that a
+    stage trains on or scores holds no prompt-only record; a rollout that keeps only correct responses can
+    check each of its prompts."""
     problems = []
+    labelled = splits_read(specs, labelled=True)
     for split, readers in splits_read(specs).items():
         try:
             loaded = load_split(cfg.data, split)
@@ -126,17 +141,104 @@ def check_data(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
             continue
         if not loaded.examples:
             problems.append(f"data split {split!r} (read by {', '.join(readers)}) has no valid examples")
+        if loaded.unlabelled and split in labelled:
+            problems.append(
+                f"data split {split!r} (read by {', '.join(labelled[split])}) has {len(loaded.unlabelled)} "
+                f"prompt-only record(s) with no response to train on or score, the first at "
+                f"{loaded.unlabelled[0][1]}: only `rollout` stages read prompt-only records (a training stage "
+                "trains on a rollout stage's responses with data_from)"
+            )
+        problems.extend(_unchecked_prompts(cfg, specs, split, loaded))
     return problems
 
 
-def _produced_before(specs: Sequence[StageSpec], index: int, style: str, sequences: str) -> bool:
-    for spec in specs[:index]:
-        if spec.kind != "score" or str(spec.config.get("sequences", "labels")) != sequences:
+def _unchecked_prompts(cfg: DictConfig, specs: Sequence[StageSpec], split: str, loaded) -> list[str]:
+    """Rollout stages that keep only correct responses (``filters.only_correct``) over prompts they cannot
+    check: prompt-only records without an ``answer`` (``withhold_labels`` is checked by :func:`check_rollouts`)."""
+    answerless = {e["id"] for e in loaded.examples if e.get("unlabelled") and e.get("answer") is None}
+    first = next((where for id_, where in loaded.unlabelled if id_ in answerless), None)
+    problems = []
+    for spec in specs:
+        settings = spec.config
+        if spec.kind != "rollout" or str(settings.get("split", "train")) != split or first is None:
             continue
-        styles = spec.config.get("styles") or []
-        if style in [str(s) for s in ([styles] if isinstance(styles, str) else styles)]:
-            return True
-    return False
+        if (settings.get("filters") or {}).get("only_correct") and not settings.get("withhold_labels"):
+            problems.append(
+                f"stage {spec.name!r} keeps only correct responses (filters.only_correct), but {len(answerless)} "
+                f"prompt-only record(s) of data split {split!r} have no `answer` to check them with, the first at "
+                f"{first}: give them an `answer`, or set pipeline.stages.{spec.name}.filters.only_correct=false"
+            )
+    return problems
+
+
+def check_rollouts(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
+    """Every rollout set a stage reads is named without ambiguity and sampled before it (:func:`rollout_stage`):
+    a score stage's ``rollouts_from``, a training stage's ``data_from`` and a kd stage's ``onpolicy_from``; a
+    rollout that withholds the labels keeps only correct responses only where the task can check them."""
+    problems = []
+    for index, spec in enumerate(specs):
+        settings = spec.config
+        styles = stage_styles(settings)
+        try:
+            if spec.kind == "score":
+                score_slots(specs, index)
+            if spec.kind in ("sft", "kd") and settings.get("data_from") is not None:
+                if len(styles) != 1:
+                    raise PipelineConfigError(
+                        f"pipeline.stages.{spec.name}.data_from={settings.data_from!r}: a rollout set covers one "
+                        f"style; the stage trains on {styles}"
+                    )
+                rollout_stage(specs, index, styles[0], settings.data_from, "data_from")
+            if spec.kind == "kd" and float(settings.get("onpolicy_lambda", 0.0) or 0.0) > 0 and len(styles) == 1:
+                rollout_stage(specs, index, styles[0], settings.get("onpolicy_from"), "onpolicy_from")
+        except PipelineConfigError as err:
+            problems.append(str(err))
+        only_correct = (settings.get("filters") or {}).get("only_correct")
+        if spec.kind == "rollout" and settings.get("withhold_labels") and only_correct and not task_answer(cfg.data):
+            problems.append(
+                f"stage {spec.name!r} withholds the labels (withhold_labels) and keeps only correct responses "
+                f"(filters.only_correct), but data.source={cfg.data.get('source')!r} can only check a response "
+                "against a record's labels (the built-in task solves its prompts): drop one of the two"
+            )
+    return problems
+
+
+def _written_before(specs: Sequence[StageSpec], index: int) -> set[Slot]:
+    """The store slots that the score stages before ``index`` write (those that resolve: the others are named
+    by :func:`check_rollouts`)."""
+    slots: set[Slot] = set()
+    for earlier, spec in enumerate(specs[:index]):
+        if spec.kind == "score":
+            try:
+                slots.update(score_slots(specs, earlier))
+            except PipelineConfigError:
+                continue
+    return slots
+
+
+def _label_slot(specs: Sequence[StageSpec], index: int) -> Slot | None:
+    """The store slot of a training stage's label pool (its labels, or its ``data_from`` rollout set); None
+    when it does not resolve (:func:`check_rollouts` names why)."""
+    settings, styles = specs[index].config, stage_styles(specs[index].config)
+    if len(styles) != 1:
+        return None
+    if settings.get("data_from") is None:
+        return (styles[0], "labels", None)
+    try:
+        return (styles[0], "rollouts", rollout_stage(specs, index, styles[0], settings.data_from, "data_from").name)
+    except PipelineConfigError:
+        return None
+
+
+def _onpolicy_slot(specs: Sequence[StageSpec], index: int) -> Slot | None:
+    settings, styles = specs[index].config, stage_styles(specs[index].config)
+    if len(styles) != 1:
+        return None
+    try:
+        source = rollout_stage(specs, index, styles[0], settings.get("onpolicy_from"), "onpolicy_from")
+    except PipelineConfigError:
+        return None
+    return (styles[0], "rollouts", source.name)
 
 
 def open_store(path: Path, verify: str) -> str | None:
@@ -151,37 +253,36 @@ def open_store(path: Path, verify: str) -> str | None:
     return None
 
 
-def check_stores(
-    specs: Sequence[StageSpec], done: dict[tuple[str, str], Path], verify: str, has_rollouts: set[str]
-) -> list[str]:
+def check_stores(specs: Sequence[StageSpec], done: dict[Slot, Path], verify: str) -> list[str]:
     """Every store a stage reads: a path given must be an intact store; ``auto`` needs a finished stage's store
-    (``done``: on a resume) or a ``score`` stage earlier in the order that will write it."""
+    (``done``: on a resume) or a ``score`` stage earlier in the order that will write it (on the stage's
+    labels, or on the rollout set its ``data_from`` / ``onpolicy_from`` names)."""
     problems = []
     for index, spec in enumerate(specs):
         settings = spec.config
+        ratio = float(settings.get("onpolicy_lambda", 0.0) or 0.0)
         reads = []
-        if spec.kind == "kd" and float(settings.get("onpolicy_lambda", 0.0) or 0.0) < 1:
-            reads.append(("store", "labels"))
-        if spec.kind == "kd" and float(settings.get("onpolicy_lambda", 0.0) or 0.0) > 0:
-            reads.append(("onpolicy_store", "rollouts"))
+        if spec.kind == "kd" and ratio < 1:
+            reads.append(("store", _label_slot(specs, index)))
+        if spec.kind == "kd" and ratio > 0:
+            reads.append(("onpolicy_store", _onpolicy_slot(specs, index)))
         if spec.kind in ("sft", "kd") and needs_store(settings.get("curriculum") or {}) and not reads:
-            reads.append((None, "labels"))
-        for setting, sequences in reads:
+            reads.append((None, _label_slot(specs, index)))
+        for setting, slot in reads:
             given = settings.get(setting) if setting else None
             if given not in (None, "auto"):
                 problem = open_store(Path(str(given)), verify)
                 if problem:
                     problems.append(f"pipeline.stages.{spec.name}.{setting}={given}: {problem}")
                 continue
-            styles = stage_styles(settings)
-            if len(styles) != 1:
-                continue  # the stage names this itself (one store covers one style)
-            style = styles[0]
-            if (style, sequences) in done or _produced_before(specs, index, style, sequences):
+            if slot is None:
+                continue  # the stage names this itself (one store covers one style), or check_rollouts does
+            if slot in done or slot in _written_before(specs, index):
                 continue
-            what = "the student's rollouts" if sequences == "rollouts" else "its label sequences"
+            style, sequences, source = slot
+            what = f"the rollout set of stage {source!r}" if sequences == "rollouts" else "its label sequences"
             fix = (
-                f"a `rollout` stage and a `score` stage with sequences=rollouts and style {style!r}"
+                f"a `score` stage with sequences: rollouts and rollouts_from: {source} (styles holding {style!r})"
                 if sequences == "rollouts"
                 else f"a `score` stage scoring style {style!r}"
             )
@@ -195,32 +296,26 @@ def check_stores(
                 f"stage {spec.name!r} ({spec.kind}) {reader} a teacher store of {what} (style {style!r}) that no "
                 f"earlier stage writes: put {fix} before it in pipeline.order, or {other}"
             )
-        if spec.kind == "kd" and float(settings.get("onpolicy_lambda", 0.0) or 0.0) > 0:
-            style = (stage_styles(settings) or ["reasoning"])[0]
-            earlier = any(s.kind == "rollout" and str(s.config.get("style")) == style for s in specs[:index])
-            if style not in has_rollouts and not earlier:
-                problems.append(
-                    f"stage {spec.name!r} mixes in the student's rollouts of style {style!r} "
-                    "(onpolicy_lambda > 0), but no `rollout` stage samples them earlier in pipeline.order"
-                )
     return problems
 
 
-def check_finished(stores: dict[tuple[str, str], Path], rollouts: dict[str, Path], verify: str) -> list[str]:
+def check_finished(stores: dict[Slot, Path], rollouts: dict[str, Path], verify: str) -> list[str]:
     """On a resume: the stores and rollout sets finished stages left are still intact."""
     problems = []
-    for (style, sequences), path in sorted(stores.items()):
+    for slot, path in sorted(stores.items(), key=lambda item: slot_key(item[0])):
         problem = open_store(Path(path), verify)
         if problem:
             problems.append(
-                f"the {style}/{sequences} store a finished stage wrote is damaged: {problem}; move it away "
-                f"(mv {path} {path}.broken) and start a new run with the same command: its score stage scores "
-                "it again (store_verify=size starts anyway, and fails when training reads the damaged shard)"
+                f"the {slot_key(slot)} store a finished stage wrote is damaged: {problem}; "
+                f"move it away (mv {path} {path}.broken) and start a new run with the same command: its score stage "
+                "scores it again (store_verify=size starts anyway, and fails when training reads the damaged shard)"
             )
-    for style, path in sorted(rollouts.items()):
+    for name, path in sorted(rollouts.items()):
         manifest = Path(path) / ROLLOUT_MANIFEST
         if not manifest.exists():
-            problems.append(f"the {style} rollout set {path} has no {ROLLOUT_MANIFEST}: unfinished, or removed")
+            problems.append(
+                f"the rollout set of stage {name!r} ({path}) has no {ROLLOUT_MANIFEST}: unfinished, or removed"
+            )
     return problems
 
 
@@ -277,21 +372,16 @@ def check_teacher_k(specs: Sequence[StageSpec]) -> list[str]:
         want = spec.config.get("teacher_k") if spec.kind == "kd" else None
         if want is None:
             continue
-        store, style = spec.config.get("store", "auto"), str(spec.config.get("style", ""))
+        store = spec.config.get("store", "auto")
         if str(store) != "auto":
             try:
                 k, source = int(read_json(Path(str(store)) / MANIFEST)["k"]), f"store {store}"
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # the store check names a missing or damaged store
         else:
-            scorers = [
-                s
-                for s in specs[:index]
-                if s.kind == "score"
-                and str(s.config.get("sequences", "labels")) == "labels"
-                and style in [str(x) for x in (s.config.get("styles") or [])]
-            ]
-            if not scorers:
+            slot = _label_slot(specs, index)
+            scorers = [s for s in specs[:index] if s.kind == "score" and slot in _slots_of(specs, s.index)]
+            if slot is None or not scorers:
                 continue
             k, source = int(scorers[-1].config.get("k", 1)), f"stage {scorers[-1].name!r}"
         if int(want) > k:
@@ -300,6 +390,13 @@ def check_teacher_k(specs: Sequence[StageSpec]) -> list[str]:
                 f"a store read at k' <= k needs no new capture"
             )
     return problems
+
+
+def _slots_of(specs: Sequence[StageSpec], index: int) -> list[Slot]:
+    try:
+        return score_slots(specs, index)
+    except PipelineConfigError:
+        return []
 
 
 def check_exports(finished) -> list[str]:
@@ -329,9 +426,10 @@ def preflight(cfg: DictConfig, specs: Sequence[StageSpec], run_dir: Path, finish
     problems.extend(check_k(cfg, specs))
     problems.extend(check_teacher_k(specs))
     problems.extend(check_data(cfg, specs))
+    problems.extend(check_rollouts(cfg, specs))
     done_stores = finished.stores if finished is not None else {}
     done_rollouts = finished.rollouts if finished is not None else {}
-    problems.extend(check_stores(specs, done_stores, verify, set(done_rollouts)))
+    problems.extend(check_stores(specs, done_stores, verify))
     problems.extend(check_finished(done_stores, done_rollouts, verify))
     if finished is not None:
         problems.extend(check_exports(finished))

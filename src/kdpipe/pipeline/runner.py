@@ -207,7 +207,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, specs: list[StageSpec], rank_zer
         stage_dir = run_dir / spec.dirname
         stage_dir.mkdir(parents=True, exist_ok=True)  # every rank: Lightning and the store write below it
         state.mark_running(spec.index)
-        ctx = StageContext(cfg, spec, run_dir, stage_dir, state.model_path(spec.model), state.stores, state.rollouts)
+        start_from = state.model_path(spec.model)
+        ctx = StageContext(cfg, spec, run_dir, stage_dir, start_from, state.stores, state.rollouts, order=specs)
         result = run_stage(ctx)
         write_stage_metrics(ctx, result)
         state.mark_done(spec.index, result)

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from kdpipe.errors import PipelineConfigError
-from kdpipe.pipeline.result import StageResult
+from kdpipe.pipeline.result import StageResult, slot_key
 from kdpipe.utils.io import atomic_dir, atomic_write_json, read_json, sha256_tree
 
 console = Console()
@@ -42,8 +42,9 @@ def shared_identity(ctx) -> dict:
         "trainer": OmegaConf.to_container(ctx.cfg.trainer, resolve=True),
         "seed": ctx.seed,
         "starts_from": sha256_tree(ctx.start_from) if ctx.start_from is not None else None,
-        # store names embed their hashes; keyed as kdpipe 0.1 did (``fast``, ``fast:rollouts``), so identities hold
-        "stores": dict(sorted((s if q == "labels" else f"{s}:{q}", p.name) for (s, q), p in ctx.stores.items())),
+        # store names embed their hashes; label stores keyed as kdpipe 0.1 did (``fast``), so identities hold;
+        # stores of rollouts by the rollout stage too (``fast:rollouts:rollout_fast``)
+        "stores": dict(sorted((slot_key(slot), p.name) for slot, p in ctx.stores.items())),
     }
 
 

@@ -16,6 +16,8 @@ stage's own keys changed (a different ``_target_`` replaces the group instead).
 from __future__ import annotations
 
 import difflib
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +31,19 @@ GROUP_KEYS = ("optimizer", "scheduler", "curriculum")  # stage keys merged over 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One entry of the order: its position, name, folder and fully merged settings."""
+    """One entry of the order: its position, name, folder and fully merged settings; ``occurrence`` counts the
+    entries of the same name up to this one (1 for the first: an order may repeat a stage)."""
 
     index: int
     name: str
     config: DictConfig
+    occurrence: int = 1
+
+    @property
+    def instance(self) -> str:
+        """The name of this entry among repeats: the stage's name, ``<name>#<n>`` for its n-th entry (n >= 2).
+        Its seed derives from it, so the same entry sees the same seed in every order that holds it."""
+        return self.name if self.occurrence == 1 else f"{self.name}#{self.occurrence}"
 
     @property
     def kind(self) -> str:
@@ -46,6 +56,14 @@ class StageSpec:
     @property
     def dirname(self) -> str:
         return f"{self.index + 1:02d}_{self.name}"
+
+
+def stage_seed(run_seed: int, instance: str) -> int:
+    """A stage's seed when it pins none: a 31-bit number hashed (sha256) from the run's seed and the stage
+    entry's name (:attr:`StageSpec.instance`), not from its position, so a stage sees the same seed, and
+    so the same data order, in every preset; stable across processes and Python versions (unlike ``hash``)."""
+    digest = hashlib.sha256(f"kdpipe-stage-seed:{int(run_seed)}:{instance}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def stage_styles(settings: DictConfig) -> list[str]:
@@ -126,7 +144,7 @@ def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
     if not order:
         raise PipelineConfigError("pipeline.order is empty: name at least one stage from pipeline.stages")
     models = cfg.get("models") or {}
-    specs = []
+    specs: list[StageSpec] = []
     for index, name in enumerate(order):
         if name not in library:
             raise PipelineConfigError(
@@ -164,5 +182,73 @@ def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
                 f"pipeline.stages.{name}.model={merged.model!r} is not a configured model; "
                 f"models: {sorted(models.keys())}"
             )
-        specs.append(StageSpec(index=index, name=str(name), config=merged))
+        occurrence = 1 + sum(s.name == str(name) for s in specs)
+        specs.append(StageSpec(index=index, name=str(name), config=merged, occurrence=occurrence))
     return specs
+
+
+def rollout_stage(
+    specs: Sequence[StageSpec], index: int, style: str | None, given=None, setting: str = "rollouts_from"
+) -> StageSpec:
+    """The ``rollout`` stage whose set the stage at ``index`` reads (for ``style``): ``given`` (its
+    ``setting``, e.g. ``rollouts_from``), a rollout stage that runs before it (and samples ``style``, unless
+    None); else the one rollout stage of ``style`` that runs before it. A stage named twice before it: its
+    latest entry. Raises :class:`PipelineConfigError` when there is none, or when several stages of that
+    style run before it (teacher and student rollouts, say) and ``setting`` does not choose one."""
+    here = specs[index]
+    earlier = [s for s in specs[:index] if s.kind == "rollout"]
+    names = list(dict.fromkeys(s.name for s in earlier))
+    key = f"pipeline.stages.{here.name}.{setting}"
+    if given is not None:
+        named = [s for s in earlier if s.name == str(given)]
+        if not named:
+            raise PipelineConfigError(
+                f"{key}={given!r}: no `rollout` stage of that name runs before stage {here.name!r} in "
+                f"pipeline.order{_suggest(str(given), names)} (rollout stages before it: {names})"
+            )
+        found = named[-1]
+        sampled = str(found.config.get("style"))
+        if style is not None and sampled != style:
+            raise PipelineConfigError(
+                f"{key}={given!r}: that rollout stage samples style {sampled!r}, but stage {here.name!r} reads "
+                f"style {style!r}: set pipeline.stages.{here.name}.style={sampled} or choose another rollout stage"
+            )
+        return found
+    matching = [s for s in earlier if str(s.config.get("style")) == style]
+    candidates = list(dict.fromkeys(s.name for s in matching))
+    if not candidates:
+        raise PipelineConfigError(
+            f"stage {here.name!r} ({here.kind}) reads a rollout set of style {style!r}, but no `rollout` stage "
+            f"samples that style before it in pipeline.order (rollout stages before it: {names})"
+        )
+    if len(candidates) > 1:
+        raise PipelineConfigError(
+            f"stage {here.name!r} ({here.kind}) reads a rollout set of style {style!r} and {len(candidates)} "
+            f"rollout stages sample it before it ({candidates}): set {key} to one of them"
+        )
+    return matching[-1]
+
+
+def score_slots(specs: Sequence[StageSpec], index: int) -> list[tuple[str, str, str | None]]:
+    """``(style, sequences, rollout stage or None)`` of each store the ``score`` stage at ``index`` writes:
+    every style of ``styles`` on the labels; on rollouts, the ``rollouts_from`` stage's set in the style it
+    sampled (which ``styles`` must hold), or by default each style's one rollout stage before it."""
+    spec = specs[index]
+    styles = [str(s) for s in ([spec.config.styles] if isinstance(spec.config.styles, str) else spec.config.styles)]
+    sequences, given = str(spec.config.get("sequences", "labels")), spec.config.get("rollouts_from")
+    if sequences != "rollouts":
+        if given is not None:
+            raise PipelineConfigError(
+                f"pipeline.stages.{spec.name}.rollouts_from={given!r} applies to sequences: rollouts only "
+                f"(the stage scores {sequences})"
+            )
+        return [(style, sequences, None) for style in styles]
+    if given is not None:
+        sampled = str(rollout_stage(specs, index, None, given).config.get("style"))
+        if sampled not in styles:
+            raise PipelineConfigError(
+                f"pipeline.stages.{spec.name}.rollouts_from={given!r} samples style {sampled!r}, which the "
+                f"stage's styles {styles} leave out: add it to pipeline.stages.{spec.name}.styles"
+            )
+        return [(sampled, sequences, str(given))]
+    return [(style, sequences, rollout_stage(specs, index, style).name) for style in styles]

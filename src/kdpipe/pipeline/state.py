@@ -1,8 +1,9 @@
 """``pipeline_state.json``: what a run has done, so an interrupted run resumes where it stopped.
 
 Each finished stage keeps its :class:`~kdpipe.pipeline.result.StageResult`; what a later stage starts from
-(the latest export of each model, the latest store of each style, the latest rollout set) is derived from
-them in order, so there is one record of each artifact.
+(the latest export of each model, the latest store of each (style, sequences, rollout stage), each rollout
+stage's set) is derived from them in order, so there is one record of each artifact. A store of rollouts
+saved before stores named the rollout stage they scored gets the latest rollout stage of its style before it.
 
 Format versions: 2 (this one). A version-1 state (kdpipe 0.1: artifacts inside the metrics) is migrated on
 load; any other version is refused, naming it.
@@ -11,7 +12,7 @@ load; any other version is refused, naming it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kdpipe.errors import PipelineConfigError
@@ -64,6 +65,23 @@ def _migrate_v1(raw: dict) -> dict:
     return {"version": STATE_VERSION, "stages": stages}
 
 
+def _name_rollout_sources(records: list[StageRecord]) -> None:
+    """Stores of rollouts saved without their source (kdpipe before stores were keyed by the rollout stage):
+    the latest finished rollout stage of the store's style before it, as that kdpipe looked it up (in place)."""
+    latest: dict[str, str] = {}
+    for record in records:
+        if record.status != "done" or record.result is None:
+            continue
+        for style in record.result.rollouts:
+            latest[style] = record.name
+        if any(ref.sequences == "rollouts" and ref.source is None for ref in record.result.stores):
+            record.result.stores = [
+                replace(ref, source=latest.get(ref.style)) if ref.sequences == "rollouts" and ref.source is None
+                else ref
+                for ref in record.result.stores
+            ]  # fmt: skip
+
+
 @dataclass
 class PipelineState:
     """The run's stages in order, each with its result once done."""
@@ -94,6 +112,7 @@ class PipelineState:
         for s in raw["stages"]:
             result = StageResult.from_json(s["result"], run_dir) if s.get("result") is not None else None
             records.append(StageRecord(**{**s, "result": result}))
+        _name_rollout_sources(records)
         state = cls(run_dir=run_dir, stages=records)
         saved, wanted = [s.name for s in state.stages], [s.name for s in specs]
         if saved != wanted:
@@ -120,14 +139,14 @@ class PipelineState:
         return exports[-1] if exports else None
 
     @property
-    def stores(self) -> dict[tuple[str, str], Path]:
-        """(style, sequences) -> the latest teacher store scored for it."""
-        return {(ref.style, ref.sequences): ref.path for s in self._done() for ref in s.result.stores}
+    def stores(self) -> dict[tuple[str, str, str | None], Path]:
+        """(style, sequences, rollout stage or None) -> the latest teacher store scored for it."""
+        return {ref.slot: ref.path for s in self._done() for ref in s.result.stores}
 
     @property
     def rollouts(self) -> dict[str, Path]:
-        """style -> the latest rollout set sampled in it."""
-        return {style: path for s in self._done() for style, path in s.result.rollouts.items()}
+        """rollout stage name -> the set it sampled (its latest entry's, for a stage the order repeats)."""
+        return {s.name: path for s in self._done() for path in s.result.rollouts.values()}
 
     def mark_running(self, index: int) -> None:
         record = self.stages[index]

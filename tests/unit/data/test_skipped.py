@@ -44,7 +44,7 @@ def test_json_broken_inside_its_line_and_after_a_bom(tmp_path):
 
 def skipping_cfg(tmp_path):
     """``data=jsonl_chat`` with 8 bad records over the three splits (3 in train, 2 in val, 3 in test)."""
-    bad = ["{oops", {"prompt": "x"}, {"response": "y"}]
+    bad = ["{oops", {"prompt": "x", "response": 3}, {"response": "y"}]
     files = {}
     for split, problems in (("train", bad), ("val", bad[:2]), ("test", bad)):
         records = [{**GOOD, "id": f"{split}{i}"} for i in range(3)] + problems
@@ -67,7 +67,8 @@ def test_every_skipped_record_of_every_split_is_listed_and_counted(tokenizer, tm
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 8
     assert lines[0]["where"] == f"{files['train']}:4:2" and lines[0]["reason"].startswith("invalid JSON: Expecting")
-    assert lines[1] == {"split": "train", "where": f"{files['train']}:5", "reason": "missing field 'response'"}
+    reason = "'response' must be a string or an object of style variants, got int 3"
+    assert lines[1] == {"split": "train", "where": f"{files['train']}:5", "reason": reason}
     assert [line["split"] for line in lines] == ["train"] * 3 + ["val"] * 2 + ["test"] * 3
 
 

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.datamodule import PostTrainDataModule, encode_examples
-from kdpipe.data.encode import encode_example, to_messages
+from kdpipe.data.encode import encode_example, prompt_messages, reference_reply, to_messages
 from kdpipe.data.records import DataError
 from kdpipe.data.scorers import example_scores
 from kdpipe.data.sources import load_examples, load_split
@@ -86,12 +86,11 @@ def test_parquet_with_flat_response_columns_and_renamed_fields(tmp_path):
     fields = {"prompt": "q", "response": {"reasoning": "long", "fast": "short"}, "difficulty": "hardness"}
     cfg = data_cfg("parquet", files={"train": str(path)}, fields=fields, on_error="skip")
     loaded = load_split(cfg, "train")
-    assert [e["prompt"] for e in loaded.examples] == ["2+2?", "3+3?"]
+    assert [e["prompt"] for e in loaded.examples] == ["2+2?", "3+3?", "4+4?"]
     assert loaded.examples[0]["responses"] == {"reasoning": rows[0]["long"], "fast": rows[0]["short"]}
     assert loaded.examples[1]["responses"] == {"reasoning": rows[1]["long"]}  # a null column: no such variant
-    assert loaded.skipped_invalid == 1
-    with pytest.raises(DataError, match=rf"{path} row 2: missing response"):
-        load_split(data_cfg("parquet", files={"train": str(path)}, fields=fields), "train")
+    assert loaded.skipped_invalid == 0  # every response column empty: a prompt only, valid for rollouts
+    assert loaded.unlabelled == ((loaded.examples[2]["id"], f"{path} row 2"),)
 
 
 def test_hf_disk_per_split_dataset_and_dataset_dict(tmp_path):
@@ -129,7 +128,6 @@ BAD_RECORDS = [
     ('{"prompt": "x", "response": ', "invalid JSON"),
     ("[1, 2]", "expected an object, got list"),
     ({"response": "y"}, "missing field: a record needs 'messages' or 'prompt'"),
-    ({"prompt": "x"}, "missing field 'response'"),
     ({"prompt": "x", "response": 3}, "'response' must be a string or an object of style variants"),
     ({"prompt": "x", "response": {"fsat": "y"}}, "unknown style 'fsat'"),
     ({"prompt": "  ", "response": "y"}, "'prompt' is empty"),
@@ -138,11 +136,8 @@ BAD_RECORDS = [
     ({"messages": [{"role": "bot", "content": "y"}]}, "messages[0]: unknown role 'bot'"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}, "messages[0] has no 'content'"),
     ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]}, "content is empty"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "'messages' has no assistant turn"),
-    (
-        {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
-        "must end with an assistant turn",
-    ),
+    ({"messages": [{"role": "system", "content": "x"}]}, "must end with an assistant turn"),
+    ({"prompt": "x", "response": {}}, "'response' has no variant set"),
     (
         {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, CHAT["messages"][2]]},
         "messages[1]: a system turn may only come first",
@@ -167,18 +162,18 @@ def test_every_bad_record_is_reported_with_its_line(tmp_path, record, message):
 
 
 def test_fail_lists_the_first_problems_and_the_total(tmp_path):
-    cfg = jsonl_cfg(tmp_path, [VARIANTS] + [{"prompt": f"q{i}"} for i in range(15)])
+    cfg = jsonl_cfg(tmp_path, [VARIANTS] + [{"prompt": f"q{i}", "response": 3} for i in range(15)])
     with pytest.raises(ValueError, match="15 invalid record") as err:
         load_examples(cfg, "train")
     text = str(err.value)
     assert "data.files.train" in text and "data.on_error=skip" in text
-    assert "train.jsonl:2: missing field 'response'" in text and "train.jsonl:11:" in text
+    assert "train.jsonl:2: 'response' must be a string" in text and "train.jsonl:11:" in text
     assert "train.jsonl:12:" not in text and "... and 5 more" in text
     assert err.value.total == 15
 
 
 def test_skip_drops_bad_records_counts_and_warns(tmp_path, caplog):
-    cfg = jsonl_cfg(tmp_path, [VARIANTS, "{nope", {"prompt": "x"}, SINGLE], on_error="skip")
+    cfg = jsonl_cfg(tmp_path, [VARIANTS, "{nope", {"prompt": "x", "response": 3}, SINGLE], on_error="skip")
     with caplog.at_level(logging.WARNING, logger="kdpipe.data.records"):
         loaded = load_split(cfg, "train")
     assert [e["prompt"] for e in loaded.examples] == ["2+2?", "Capital of Japan?"]
@@ -188,9 +183,40 @@ def test_skip_drops_bad_records_counts_and_warns(tmp_path, caplog):
 
 def test_nothing_valid_fails_even_when_skipping(tmp_path):
     with pytest.raises(DataError, match="no valid records"):
-        load_examples(jsonl_cfg(tmp_path, [{"prompt": "x"}], on_error="skip"), "train")
+        load_examples(jsonl_cfg(tmp_path, [{"prompt": "x", "response": 3}], on_error="skip"), "train")
     with pytest.raises(DataError, match="no records"):
         load_examples(jsonl_cfg(tmp_path, [""]), "train")
+
+
+PROMPT_ONLY = [
+    {"id": "p", "prompt": "3+4?", "answer": 7},  # no response field
+    {"id": "n", "prompt": "5+1?", "response": None},  # a null response
+    {"id": "c", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "9-2?"}]},
+    {"id": "m", "messages": [*CHAT["messages"], {"role": "user", "content": "And plus 1?"}]},  # the next reply
+]
+
+
+def test_prompt_only_records_load_marked_unlabelled_with_where_they_are(tmp_path):
+    cfg = jsonl_cfg(tmp_path, [VARIANTS, *PROMPT_ONLY])
+    loaded = load_split(cfg, "train")
+    path = tmp_path / "train.jsonl"
+    assert [e["id"] for e in loaded.examples] == ["p1", "p", "n", "c", "m"] and not loaded.problems
+    assert loaded.unlabelled == tuple((r["id"], f"{path}:{i}") for i, r in enumerate(PROMPT_ONLY, 2))
+    labelled, plain, null, chat, multi = loaded.examples
+    assert "unlabelled" not in labelled and all(e["unlabelled"] is True for e in (plain, null, chat, multi))
+    assert "responses" not in plain and plain["answer"] == "7" and reference_reply(plain, "fast") is None
+    assert reference_reply(multi, "fast") is None  # its last assistant turn answers another question
+    # what a model is asked: the whole conversation; there is nothing to learn
+    assert prompt_messages(chat) == chat["messages"] and prompt_messages(multi)[-1]["content"] == "And plus 1?"
+    with pytest.raises(KeyError, match="prompt-only record"):
+        to_messages(plain, "fast")
+
+
+def test_flat_response_columns_all_empty_make_a_prompt_only_record(tmp_path):
+    fields = {"response": {"reasoning": "long", "fast": "short"}}
+    records = [{"prompt": "a", "long": "x", "short": None}, {"prompt": "b", "long": None, "short": None}]
+    labelled, prompt = load_examples(jsonl_cfg(tmp_path, records, fields=fields), "train")
+    assert labelled["responses"] == {"reasoning": "x"} and prompt["unlabelled"] and "responses" not in prompt
 
 
 def test_duplicate_ids_explicit_or_hashed(tmp_path):

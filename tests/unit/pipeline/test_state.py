@@ -81,11 +81,12 @@ def test_a_version_1_state_is_migrated_on_load(tmp_path):
     # what the next stages start from and read: what kdpipe 0.1's model_paths, stores and rollouts said
     assert state.model_path("teacher") == shared / "export"
     assert state.model_path("student") == run / old["model_paths"]["student"]
+    # a store of rollouts is keyed by the rollout stage whose set it scored: for 0.1, the latest of its style
     assert state.stores == {
-        ("fast", "labels"): stores / "fast-train-k8-0123456789ab",
-        ("fast", "rollouts"): stores / "fast-rollouts-k8-ba9876543210",
+        ("fast", "labels", None): stores / "fast-train-k8-0123456789ab",
+        ("fast", "rollouts", "rollout_fast"): stores / "fast-rollouts-k8-ba9876543210",
     }
-    assert state.rollouts == {"fast": run / "04_rollout_fast" / "rollouts"}
+    assert state.rollouts == {"rollout_fast": run / "04_rollout_fast" / "rollouts"}
     # every stage's record: the same progress; artifacts out of the metrics, into the typed result
     assert [(s.name, s.kind, s.model, s.dir, s.status) for s in state.stages] == [
         (s["name"], s["kind"], s["model"], s["dir"], s["status"]) for s in old["stages"]
@@ -98,7 +99,9 @@ def test_a_version_1_state_is_migrated_on_load(tmp_path):
     assert score.stores == [StoreRef("fast", "labels", stores / "fast-train-k8-0123456789ab")]
     assert "stores" not in score.metrics and score.metrics["fast_store"]["name"] == "fast-train-k8-0123456789ab"
     assert "path" not in score.metrics["fast_store"] and score.metrics["fast_store"]["label_tokens"] == 100
-    assert state.stages[4].result.stores == [StoreRef("fast", "rollouts", stores / "fast-rollouts-k8-ba9876543210")]
+    assert state.stages[4].result.stores == [
+        StoreRef("fast", "rollouts", stores / "fast-rollouts-k8-ba9876543210", "rollout_fast")
+    ]
     assert rollout.rollouts == {"fast": run / "04_rollout_fast" / "rollouts"} and "rollouts" not in rollout.metrics
     assert onpolicy.reads == {"onpolicy_store": str(stores / "fast-rollouts-k8-ba9876543210")}
     assert onpolicy.metrics == {"accuracy": 0.3, "onpolicy_examples": 48}  # no store read: no key left behind
@@ -134,7 +137,38 @@ def test_a_version_2_state_round_trips_and_later_stages_start_from_the_latest_ar
     loaded = PipelineState.load(run, specs())
     assert loaded.model_path("teacher") == run / "01_teacher_sft" / "export"
     assert loaded.model_path("student") == run / "03_sft_fast" / "export"
-    assert loaded.stores == {("fast", "labels"): second}
+    assert loaded.stores == {("fast", "labels", None): second}
+
+
+def test_stores_of_rollouts_are_keyed_by_the_rollout_stage_and_older_ones_get_the_latest_of_their_style(tmp_path):
+    """Two rollout sets of one style (a teacher's and a student's) and a store of each do not collide; a store
+    of rollouts saved without its source (before stores named it) is given the latest rollout stage of its
+    style before it, as that kdpipe looked it up."""
+    names = [("rollout_teacher", "rollout", "teacher"), ("rollout_student", "rollout", "student"),
+             ("score_t", "score", "teacher"), ("score_s", "score", "teacher"), ("old", "score", "teacher")]  # fmt: skip
+    order = [StageSpec(i, n, OmegaConf.create({"kind": k, "model": m})) for i, (n, k, m) in enumerate(names)]
+    run = tmp_path / "run"
+    run.mkdir()
+    state = PipelineState.new(run, order)
+    sets = {
+        name: run / f"0{i + 1}_{name}" / "rollouts" for i, name in enumerate(["rollout_teacher", "rollout_student"])
+    }
+    state.mark_done(0, StageResult({}, rollouts={"fast": sets["rollout_teacher"]}))
+    state.mark_done(1, StageResult({}, rollouts={"fast": sets["rollout_student"]}))
+    teacher, student, old = (tmp_path / "stores" / n for n in ("fast-rollouts-t", "fast-rollouts-s", "fast-rollouts-o"))
+    state.mark_done(2, StageResult({}, stores=[StoreRef("fast", "rollouts", teacher, "rollout_teacher")]))
+    state.mark_done(3, StageResult({}, stores=[StoreRef("fast", "rollouts", student, "rollout_student")]))
+    state.mark_done(4, StageResult({}, stores=[StoreRef("fast", "rollouts", old)]))  # as saved before sources
+    raw = json.loads((run / STATE_FILE).read_text())
+    assert raw["stages"][2]["result"]["stores"][0]["source"] == "rollout_teacher"
+    assert "source" not in raw["stages"][4]["result"]["stores"][0]
+    loaded = PipelineState.load(run, order)
+    assert loaded.rollouts == sets
+    assert loaded.stores == {
+        ("fast", "rollouts", "rollout_teacher"): teacher,
+        ("fast", "rollouts", "rollout_student"): old,
+    }
+    assert loaded.stages[3].result.stores[0].key == "fast:rollouts:rollout_student"
 
 
 @pytest.mark.parametrize("version", [3, 0, None])

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.datamodule import PostTrainDataModule, write_skipped_records
+from kdpipe.data.rollouts import load_rollouts
 from kdpipe.data.scorers import needs_model, needs_store, scorer_config
 from kdpipe.errors import PipelineConfigError
 from kdpipe.eval import evaluate_model
@@ -99,19 +100,27 @@ def evaluate_with_lm_eval(ctx: StageContext, eval_cfg, model_dir: Path) -> dict:
     return {"metric": "lm_eval", **found}
 
 
+def training_pool(ctx: StageContext) -> list[dict] | None:
+    """The stage's training examples when ``data_from`` names a rollout stage: that set's kept responses (its
+    filters applied) as labels; None: the data config's training split."""
+    source = ctx.data_from
+    return None if source is None else load_rollouts(ctx.rollout_set(source))
+
+
 def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None, onpolicy=None) -> PostTrainDataModule:
     """The stage's DataModule; ``model`` is what a ``student_loss`` curriculum scores with; ``onpolicy`` is
     ``(rollout records, their store, lambda)`` for a KD stage that mixes in the student's own responses."""
     settings = ctx.settings
     scorer_store = None
     if store is None and onpolicy is None and needs_store(settings.curriculum):  # e.g. SFT ordered by teacher_nll
-        style = ctx.styles[0]
-        if (style, "labels") not in ctx.stores:
+        style, _, source = slot = ctx.label_slot()
+        if slot not in ctx.stores:
+            where = "its labels" if source is None else f"the rollout set of stage {source!r} (data_from)"
             raise PipelineConfigError(
                 f"stage {ctx.spec.name!r}: curriculum.scorer={scorer_config(settings.curriculum)['name']} reads "
-                f"the teacher store of style {style!r}: put a `score` stage before it"
+                f"the teacher store of style {style!r} on {where}: put a `score` stage scoring it before it"
             )
-        scorer_store = TeacherStore(ctx.stores[(style, "labels")])
+        scorer_store = TeacherStore(ctx.stores[slot])
     return PostTrainDataModule(
         tokenizer,
         data=ctx.cfg.data,
@@ -126,6 +135,7 @@ def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None, onpoli
         scorer_model=model if needs_model(settings.curriculum) else None,
         score_cache_dir=ctx.stage_dir / "scores",
         train_fraction=float(settings.get("train_fraction", 1.0)),
+        train_examples=training_pool(ctx),
         **(dict(zip(("onpolicy_examples", "onpolicy_store", "onpolicy_lambda"), onpolicy)) if onpolicy else {}),
     )
 
@@ -169,7 +179,13 @@ def make_trainer(ctx: StageContext, max_steps: int, loggers: list, precision: st
 def run_config(ctx: StageContext) -> dict:
     """What the loggers record as the stage's hyperparameters: everything that determines its result."""
     return {
-        "stage": {"name": ctx.spec.name, "kind": ctx.spec.kind, "index": ctx.spec.index, "seed": ctx.seed},
+        "stage": {
+            "name": ctx.spec.name,
+            "kind": ctx.spec.kind,
+            "index": ctx.spec.index,
+            "instance": ctx.spec.instance,
+            "seed": ctx.seed,
+        },
         "settings": OmegaConf.to_container(ctx.settings, resolve=True),
         "model": OmegaConf.to_container(ctx.model_cfg, resolve=True),
         "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),

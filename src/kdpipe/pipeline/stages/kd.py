@@ -1,7 +1,9 @@
 """``kd``: distillation from a stored teacher signal (plus CE on the labels), then (optionally) evaluation.
 
-``onpolicy_lambda`` > 0 mixes in the student's own responses (a rollout set scored by the teacher): that share
-of every batch is on-policy, the rest label-conditioned."""
+``onpolicy_lambda`` > 0 mixes in the student's own responses (a rollout set scored by the teacher:
+``onpolicy_from``, or the one rollout stage of the stage's style before it): that share of every batch is
+on-policy, the rest label-conditioned. ``data_from`` replaces the label pool by a rollout stage's kept
+responses (e.g. the teacher's: sequence-level KD), read with the store scored on that set."""
 
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ def run_kd(ctx: StageContext) -> StageResult:
         except ValueError as err:
             raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}: {err} at {path}") from err
 
-    store = opened(ctx.store("store")) if ratio < 1 else None
+    store = opened(ctx.store("store")) if ratio < 1 else None  # on the labels, or on the data_from rollout set
     onpolicy = None
     if ratio > 0:
-        onpolicy_store = opened(ctx.store("onpolicy_store", sequences="rollouts"))
-        onpolicy = (load_rollouts(ctx.rollout_set(ctx.styles[0])), onpolicy_store, ratio)
+        style = ctx.single_style("the on-policy pool")
+        source = ctx.rollout_source("onpolicy_from", style)
+        onpolicy_store = opened(ctx.store("onpolicy_store", (style, "rollouts", source)))
+        onpolicy = (load_rollouts(ctx.rollout_set(source)), onpolicy_store, ratio)
     model, tokenizer = load_trainable(ctx)
     module = KDModule(
         model, loss=OmegaConf.to_container(ctx.settings.loss, resolve=True), **optimizer_parts(ctx.settings)
@@ -45,7 +49,10 @@ def run_kd(ctx: StageContext) -> StageResult:
     if store is not None:
         result.reads["store"] = str(store.path)
         result.metrics.update(teacher_k=store.k, teacher_temperature=store.temperature)
+    if ctx.data_from is not None:
+        result.reads["data_from"] = str(ctx.rollout_set(ctx.data_from))
     if onpolicy is not None:
         result.reads["onpolicy_store"] = str(onpolicy[1].path)
+        result.reads["onpolicy_from"] = str(ctx.rollout_set(source))
         result.metrics["onpolicy_examples"] = len(datamodule.encode_onpolicy())
     return result

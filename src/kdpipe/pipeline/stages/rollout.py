@@ -1,16 +1,18 @@
-"""``rollout``: the current model samples ``n_samples`` responses per prompt into ``<stage>/rollouts``
-(resumable: written in parts, each atomically)."""
+"""``rollout``: the stage's model (the student for on-policy data, or the teacher for sequence-level KD data)
+samples ``n_samples`` responses per prompt into ``<stage>/rollouts`` (resumable: written in parts, each
+atomically). Later stages find the set by this stage's name (``rollouts_from``, ``data_from``,
+``onpolicy_from``)."""
 
 from __future__ import annotations
 
 import time
 
 from kdpipe.data.encode import system_prompt_for
-from kdpipe.data.rollouts import RolloutSettings
-from kdpipe.data.sources import load_examples
+from kdpipe.data.rollouts import RolloutSettings, task_answer, withhold_labels
+from kdpipe.data.sources import load_examples, outside_subset_by_id
 from kdpipe.engines.rollouts import write_rollouts
 from kdpipe.eval import with_references
-from kdpipe.eval.metrics import auto_metric
+from kdpipe.eval.metrics import AnswerMatch, auto_metric
 from kdpipe.lightning.trainer import inference_device
 from kdpipe.models.fingerprint import model_fingerprint
 from kdpipe.pipeline.result import StageResult
@@ -21,14 +23,40 @@ from kdpipe.utils.dist import rank_zero_console
 console = rank_zero_console()
 
 
+class DerivedAnswerMatch(AnswerMatch):
+    """``Answer: N`` checked against the answer the task computes from the prompt (labels withheld)."""
+
+    def __init__(self, derive) -> None:
+        super().__init__("answer_colon")
+        self.derive = derive
+
+    def reference_of(self, example: dict) -> str | None:
+        return self.derive(example)
+
+
+def rollout_prompts(ctx: StageContext) -> list[dict]:
+    """The prompts the stage samples from: its ``split``, less the ``exclude_fraction`` subset (the one a
+    training stage's ``train_fraction`` of that value selects), then the first ``limit``; with
+    ``withhold_labels``, stripped of every label."""
+    settings = ctx.settings
+    prompts = load_examples(ctx.cfg.data, str(settings.split))
+    if settings.get("exclude_fraction"):
+        prompts = outside_subset_by_id(prompts, float(settings.exclude_fraction))
+    if settings.get("limit"):
+        prompts = prompts[: int(settings.limit)]
+    return withhold_labels(prompts) if settings.get("withhold_labels") else prompts
+
+
 def run_rollout(ctx: StageContext) -> StageResult:
     settings = ctx.settings
     style = str(settings.style)
     model, tokenizer = load_model_and_tokenizer(ctx)
     model.to(inference_device(ctx.cfg.trainer))
-    prompts = load_examples(ctx.cfg.data, str(settings.split))
-    if settings.get("limit"):
-        prompts = prompts[: int(settings.limit)]
+    prompts = rollout_prompts(ctx)
+    withheld = bool(settings.get("withhold_labels"))
+    derive = task_answer(ctx.cfg.data) if withheld else None
+    # what `correct` means: the task's check on the record's labels, or on the prompt alone (labels withheld)
+    metric = DerivedAnswerMatch(derive) if derive else auto_metric(ctx.cfg.data, with_references(prompts, style))
     rollout_settings = RolloutSettings(
         style=style,
         n_samples=int(settings.n_samples),
@@ -44,6 +72,14 @@ def run_rollout(ctx: StageContext) -> StageResult:
     root = ctx.stage_dir / "rollouts"
     started = time.perf_counter()
     console.print(f"sampling {rollout_settings.n_samples} x {len(prompts)} responses into {root}")
+    info = {
+        "model": model_fingerprint(model),
+        "model_name": ctx.spec.model,
+        "stage": ctx.spec.name,
+        "split": str(settings.split),
+        "exclude_fraction": settings.get("exclude_fraction"),
+        "withhold_labels": withheld,
+    }
     manifest = write_rollouts(
         root,
         model,
@@ -51,8 +87,8 @@ def run_rollout(ctx: StageContext) -> StageResult:
         prompts,
         rollout_settings,
         system_prompt=system_prompt_for(ctx.cfg.data, style),
-        info={"model": model_fingerprint(model), "split": str(settings.split)},
-        metric=auto_metric(ctx.cfg.data, with_references(prompts, style)),  # what `correct` means
+        info=info,
+        metric=metric,
     )
     samples = max(int(manifest["samples"]), 1)
     metrics = {

@@ -1,4 +1,5 @@
-"""``score``: the teacher over each style's label sequences (or the student's rollouts) into a store, through
+"""``score``: the teacher over each style's label sequences (or a rollout stage's set: ``sequences: rollouts``,
+the stage named by ``rollouts_from`` or the one rollout stage of each style before it) into a store, through
 :func:`kdpipe.engines.score_teacher` (a store with the same content is reused)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from kdpipe.engines import score_teacher
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.strategy import wrapped_in_place
 from kdpipe.pipeline.result import SEQUENCES, StageResult, StoreRef
+from kdpipe.pipeline.spec import score_slots
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.pipeline.stages.weights import load_model_and_tokenizer
 from kdpipe.store.reader import TeacherStore
@@ -31,9 +33,9 @@ def run_score(ctx: StageContext) -> StageResult:
     if not 1 <= k <= len(tokenizer):
         raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.k={k} must be in [1, vocab size {len(tokenizer)}]")
     result = StageResult({})
-    for style in map(str, settings.styles):
-        if sequences == "rollouts":  # the student's own responses: on-policy distillation
-            raw, split = load_rollouts(ctx.rollout_set(style)), "rollouts"
+    for style, _, source in score_slots(ctx.order or [ctx.spec], ctx.spec.index):
+        if source is not None:  # a rollout stage's responses: on-policy KD, or sequence-level KD data
+            raw, split = load_rollouts(ctx.rollout_set(source)), "rollouts"
         else:
             raw, split = load_examples(ctx.cfg.data, str(settings.split)), str(settings.split)
         examples, _ = encode_examples(tokenizer, ctx.cfg.data, raw, [style])
@@ -61,9 +63,10 @@ def run_score(ctx: StageContext) -> StageResult:
             model, _ = load_model_and_tokenizer(ctx)
         store = TeacherStore(path)
         nbytes, rows = store.nbytes, store.num_rows
-        result.stores.append(StoreRef(style, sequences, path))
+        result.stores.append(StoreRef(style, sequences, path, source))
         result.metrics[f"{style}_{'rollout_' if sequences == 'rollouts' else ''}store"] = {
             "name": path.name,
+            **({"rollouts_from": source} if source is not None else {}),
             "reused": bool(reused),
             "examples": len(examples),
             "label_tokens": rows,

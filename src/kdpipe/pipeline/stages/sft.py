@@ -1,4 +1,5 @@
-"""``sft``: supervised fine-tuning on one or more response styles, then (optionally) evaluation."""
+"""``sft``: supervised fine-tuning on one or more response styles, then (optionally) evaluation. ``data_from``:
+on a rollout stage's kept responses (e.g. a teacher's over unlabelled prompts) instead of the data's labels."""
 
 from __future__ import annotations
 
@@ -12,4 +13,7 @@ from kdpipe.pipeline.stages.weights import load_trainable
 def run_sft(ctx: StageContext) -> StageResult:
     model, tokenizer = load_trainable(ctx)
     module = SFTModule(model, **optimizer_parts(ctx.settings))
-    return fit_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer, model=model))
+    result = fit_stage(ctx, module, tokenizer, make_datamodule(ctx, tokenizer, model=model))
+    if ctx.data_from is not None:  # trained on a rollout stage's responses (e.g. the teacher's)
+        result.reads["data_from"] = str(ctx.rollout_set(ctx.data_from))
+    return result
