@@ -17,8 +17,14 @@ def test_ablation_multirun_then_aggregate_end_to_end(tiny_cfg, tmp_path):
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     run_cli("kdpipe-train", *args, cwd=tmp_path)
-    proc = run_cli("kdpipe-aggregate", tmp_path / "sweep", cwd=tmp_path)
+    proc = run_cli("kdpipe-aggregate", tmp_path / "sweep", "--baseline", "random", "--n-boot", "200", cwd=tmp_path)
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert [g["group"] for g in summary["groups"]] == ["curriculum=random", "curriculum=competence"]
-    assert all(g["accuracy"]["n"] == 2 for g in summary["groups"])
+    assert all(g["accuracy"]["n"] == 2 and g["warning"] == "n=2 < 5" for g in summary["groups"])
     assert "curriculum=competence" in proc.stdout
+    # paired by seed, and bootstrapped over the test problems of the eval stage's generations.jsonl
+    (comparison,) = summary["comparisons"]
+    assert comparison["name"] == "curriculum=competence - curriculum=random"
+    assert comparison["paired"]["seeds"] == ["seed=1", "seed=2"] and comparison["paired"]["ci"]["low"] is not None
+    assert comparison["bootstrap"]["n_problems"] > 0 and comparison["bootstrap"]["seeds"] == ["seed=1", "seed=2"]
+    assert (tmp_path / "sweep" / "comparisons.png").stat().st_size > 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-LEFT = ("stage", "kind", "model", "group", "shape")  # text columns; the rest are numbers (right-aligned)
+# text columns; the rest are numbers (right-aligned)
+LEFT = ("stage", "kind", "model", "group", "shape", "comparison", "verdict", "note")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,5 +1,6 @@
 """kdpipe-aggregate on hand-made job folders: grouping multirun jobs, mean and std per level, sweeps finished in
-parts, errors. (On a real multirun: tests/integration/test_aggregate.py.)"""
+parts, errors. (Paired comparisons: test_aggregate_compare.py; on a real multirun:
+tests/integration/test_aggregate.py.)"""
 
 from __future__ import annotations
 
@@ -39,8 +40,13 @@ def test_jobs_are_grouped_by_what_varies_and_summarised_over_seeds(tmp_path):
     assert groups["curriculum=sorted"]["accuracy"]["n"] == 2
     assert summary["unfinished"] == ["9"]
     table = (tmp_path / "summary.md").read_text()
-    assert "| curriculum=random | 3 | 85.0 ± 5.0 | 90.0 ± 5.0 | 80.0 ± 5.0 | 21.0 | 11 |" in table
-    assert (tmp_path / "summary.png").stat().st_size > 0
+    # 95% CI: 85.0 ± t(0.975, 2) * 5.0 / sqrt(3) = 85.0 ± 12.4; 3 seeds is under the protocol's 5
+    assert (
+        "| curriculum=random | 3 | 85.0 ± 5.0 | [72.6, 97.4] | 90.0 ± 5.0 | 80.0 ± 5.0 | 21.0 | 11 | n=3 < 5 |" in table
+    )
+    assert groups["curriculum=random"]["accuracy"]["low"] == pytest.approx(0.85 - 4.302653 * 0.05 / 3**0.5)
+    assert (tmp_path / "summary.png").stat().st_size > 0 and (tmp_path / "summary_ci.png").stat().st_size > 0
+    assert summary["comparisons"] == [] and not (tmp_path / "comparisons.png").exists()
     # grouping by seed instead, over the curricula
     by_seed = aggregate(tmp_path, over=("curriculum",))
     assert [g["group"] for g in by_seed["groups"]] == ["seed=1", "seed=2", "seed=3"]
@@ -90,3 +96,5 @@ def test_aggregate_errors_name_the_folder_and_stage(tmp_path, capsys):
     fake_job(tmp_path, 0, ["seed=1"], 0.5, {"1": 0.5})
     assert main([str(tmp_path), "--stage", "kd_fast"]) == 2
     assert "no stage 'kd_fast'" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 0  # one job: no spread and no interval, never ± 0
+    assert "| all | 1 | 50.0 | n/a | 50.0 | 20.0 | 10 | n=1 < 5 |" in (tmp_path / "summary.md").read_text()
