@@ -70,6 +70,34 @@ class TinyConfig:
         return compose_cfg(self.args(*overrides), run_dir or self.root / "run")
 
 
+def added_stage(name: str, kind: str, **keys) -> list[str]:
+    """Overrides that add stage ``name`` of ``kind`` to the tiny library (composed from its kind's defaults)
+    with ``keys`` set, e.g. ``added_stage("rollout_teacher", "rollout", model="teacher")``; a key with dots
+    (``filters.drop_truncated``) is passed as ``filters__drop_truncated``."""
+    return [f"+stage@pipeline.stages.{name}={kind}"] + [
+        f"pipeline.stages.{name}.{key.replace('__', '.')}={value}" for key, value in keys.items()
+    ]
+
+
+# sequence-level KD at tiny size: the teacher samples fast responses over the prompts (labels withheld) that a
+# train_fraction=0.5 stage does not train on; a student trains on them (sft), and distils on them with the
+# teacher's signal on the same sequences (a score stage over that rollout set, then kd)
+_FIT = {"style": "fast", "data_from": "rollout_teacher", "max_steps": 4, "batch_size": 8, "val_every_n_steps": 2,
+        "checkpoint_every_n_steps": 2, "eval__enabled": "false"}  # fmt: skip
+_SYNTHETIC = {
+    "rollout_teacher": ("rollout", {"model": "teacher", "style": "fast", "limit": 16, "max_new_tokens": 16,
+                                    "batch_size": 16, "part_size": 8, "exclude_fraction": 0.5,
+                                    "withhold_labels": "true", "filters__drop_truncated": "false"}),
+    "score_teacher_rollouts": ("score", {"styles": "[fast]", "sequences": "rollouts", "k": 8, "batch_size": 16,
+                                         "rollouts_from": "rollout_teacher", "shard_size": 32}),
+    "sft_synthetic": ("sft", _FIT),
+    "kd_synthetic": ("kd", _FIT),
+}  # fmt: skip
+TEACHER_ROLLOUTS = [
+    override for name, (kind, keys) in _SYNTHETIC.items() for override in added_stage(name, kind, **keys)
+]
+
+
 def crash_override(stage: str, step: int, marker: Path, every_rank: bool = False) -> str:
     """A ``+callbacks.crash=...`` override: :class:`CrashAt` (or :class:`CrashEveryRankAt`) in ``stage``."""
     target = "CrashEveryRankAt" if every_rank else "CrashAt"

@@ -1,5 +1,6 @@
 """On-policy data: the rollout-set format (filters, incomplete sets), mixing label and on-policy pools, nested
-training subsets, store unions. Sampling a rollout set is kdpipe.engines.rollouts (tests/unit/engines)."""
+training subsets and their complements, prompts with their labels withheld, store unions. Sampling a rollout
+set is kdpipe.engines.rollouts (tests/unit/engines)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ import torch
 
 from kdpipe.data.arith import generate_split
 from kdpipe.data.curriculum import CurriculumBatchSampler, MixedBatchSampler, _stream
-from kdpipe.data.rollouts import MANIFEST, apply_filters, load_rollouts, part_path
-from kdpipe.data.sources import subset_by_id
+from kdpipe.data.rollouts import (
+    MANIFEST,
+    apply_filters,
+    arith_answer,
+    load_rollouts,
+    part_path,
+    task_answer,
+    withhold_labels,
+)
+from kdpipe.data.sources import outside_subset_by_id, subset_by_id
 from tests.helpers import encoded, write_store
 
 
@@ -79,6 +88,31 @@ def test_train_fraction_subsets_are_nested_and_about_the_right_size():
     assert subset_by_id(examples, 1.0) == examples
     with pytest.raises(ValueError, match="train_fraction"):
         subset_by_id(examples, 0.0)
+
+
+def test_exclude_fraction_is_the_exact_complement_of_the_train_fraction_subset():
+    examples = generate_split("train", 100, seed=0)
+    for fraction in (0.0, 0.05, 0.5):
+        inside = subset_by_id(examples, fraction) if fraction else []
+        outside = outside_subset_by_id(examples, fraction)
+        assert {e["id"] for e in inside}.isdisjoint(e["id"] for e in outside)
+        assert len(inside) + len(outside) == len(examples)
+        assert [e for e in examples if e in outside] == outside  # in the split's order
+    with pytest.raises(ValueError, match="exclude_fraction"):
+        outside_subset_by_id(examples, 1.0)
+
+
+def test_withheld_prompts_keep_no_label_and_the_built_in_task_still_checks_them():
+    examples = generate_split("train", 20, seed=0)
+    withheld = withhold_labels(examples)
+    assert all(set(w) == {"id", "prompt", "level"} for w in withheld)
+    assert [w["id"] for w in withheld] == [e["id"] for e in examples] and "answer" in examples[0]  # a copy
+    assert [arith_answer(w) for w in withheld] == [e["answer"] for e in examples]  # solved from the prompt
+    assert task_answer({"source": "arith"}) is arith_answer and task_answer({"source": "jsonl"}) is None
+    assert arith_answer({"prompt": "What is 2+2?"}) is None
+    chat = {"id": "c", "answer": "36", "messages": [{"role": "user", "content": "12*3?"},
+                                                    {"role": "assistant", "content": "36"}]}  # fmt: skip
+    assert withhold_labels([chat]) == [{"id": "c", "messages": [{"role": "user", "content": "12*3?"}]}]
 
 
 def test_store_union_reads_each_id_from_its_store_and_refuses_mixed_signals(tokenizer, tmp_path):

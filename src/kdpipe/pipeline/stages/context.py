@@ -48,11 +48,14 @@ class StageContext:
         """The stage's response styles (``style``: one name or a list)."""
         return stage_styles(self.settings)
 
+    def located(self) -> tuple[list[StageSpec], int]:
+        """The stage order and this stage's place in it (alone, for a context built without the order)."""
+        return (list(self.order), self.spec.index) if self.order else ([self.spec], 0)
+
     def rollout_source(self, setting: str, style: str | None) -> str:
         """The rollout stage that ``settings.<setting>`` names (``rollouts_from``, ``data_from``,
         ``onpolicy_from``), or by default the one rollout stage of ``style`` before this one."""
-        order = list(self.order) or [self.spec]
-        return rollout_stage(order, self.spec.index, style, self.settings.get(setting), setting).name
+        return rollout_stage(*self.located(), style, self.settings.get(setting), setting).name
 
     def rollout_set(self, source: str) -> Path:
         """The rollout set the rollout stage ``source`` sampled earlier in this run."""

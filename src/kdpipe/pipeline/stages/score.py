@@ -33,7 +33,7 @@ def run_score(ctx: StageContext) -> StageResult:
     if not 1 <= k <= len(tokenizer):
         raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.k={k} must be in [1, vocab size {len(tokenizer)}]")
     result = StageResult({})
-    for style, _, source in score_slots(ctx.order or [ctx.spec], ctx.spec.index):
+    for style, _, source in score_slots(*ctx.located()):
         if source is not None:  # a rollout stage's responses: on-policy KD, or sequence-level KD data
             raw, split = load_rollouts(ctx.rollout_set(source)), "rollouts"
         else:
