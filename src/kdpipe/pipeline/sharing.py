@@ -3,8 +3,9 @@
 The typical case is the teacher of a sweep: every job trains the same teacher on the same data with the same
 (pinned) seed, so the first job trains it and the others reuse its export. A shared stage's identity is a
 hash of everything that determines its result: the stage's settings, the model and data configs, the trainer
-settings, its seed, and the weights it starts from. Results live in ``<log_dir>/shared/<stage>-<hash>/``
-(``export/``, ``metrics.json`` and ``identity.json``), published atomically once the stage has finished.
+settings (``precision: auto`` as far as the device resolves it), its seed, and the weights it starts from.
+Results live in ``<log_dir>/shared/<stage>-<hash>/`` (``export/``, ``metrics.json`` and ``identity.json``),
+published atomically once the stage has finished.
 
 Concurrent jobs (a multirun on submitit or SLURM) that need the same shared stage do not all train it: the
 first takes an exclusive ``flock`` on ``shared/.<stage>-<hash>.lock`` while it trains and publishes, and the
@@ -27,6 +28,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from kdpipe.errors import PipelineConfigError
+from kdpipe.lightning.precision import identity_precision
 from kdpipe.pipeline.result import StageResult, slot_key
 from kdpipe.utils.io import atomic_dir, atomic_write_json, read_json, sha256_tree
 
@@ -39,7 +41,11 @@ def shared_identity(ctx) -> dict:
         "stage": OmegaConf.to_container(ctx.settings, resolve=True),  # eval settings too: metrics are reused
         "model": OmegaConf.to_container(ctx.model_cfg, resolve=True),
         "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
-        "trainer": OmegaConf.to_container(ctx.cfg.trainer, resolve=True),
+        # ``precision: auto`` as the device resolves it: the identity of the precision it trains in (or MEASURED)
+        "trainer": {
+            **OmegaConf.to_container(ctx.cfg.trainer, resolve=True),
+            "precision": identity_precision(ctx.cfg.trainer),
+        },
         "seed": ctx.seed,
         "starts_from": sha256_tree(ctx.start_from) if ctx.start_from is not None else None,
         # store names embed their hashes; label stores keyed as kdpipe 0.1 did (``fast``), so identities hold;

@@ -19,7 +19,7 @@ from kdpipe.errors import PipelineConfigError
 from kdpipe.eval import evaluate_model
 from kdpipe.eval.plan import EvalPlan, plan_evaluation
 from kdpipe.lightning.loggers import checkpoint_step, finish_loggers, log_config, log_results, make_loggers, sweep_job
-from kdpipe.lightning.precision import resolve_precision
+from kdpipe.lightning.precision import PRECISION_FILE, describe, probe_batch, resolve_stage_precision
 from kdpipe.lightning.strategy import shards_weights
 from kdpipe.lightning.trainer import inference_device, instantiate_trainer
 from kdpipe.models.factory import count_parameters
@@ -29,8 +29,8 @@ from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.pipeline.stages.weights import export_model, trained_model
 from kdpipe.store.reader import TeacherStore
-from kdpipe.utils.dist import is_rank_zero, rank_zero_console, run_on_rank_zero
-from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json
+from kdpipe.utils.dist import rank_zero_console, run_on_rank_zero
+from kdpipe.utils.io import atomic_write_text
 from kdpipe.utils.memory import peak_memory_mb
 
 console = rank_zero_console()
@@ -196,18 +196,20 @@ def run_config(ctx: StageContext) -> dict:
     }
 
 
-def stage_precision(ctx: StageContext, model, train_examples: list) -> tuple[str | None, dict]:
-    """The stage's training precision (``trainer.precision``; ``auto`` is measured once per stage and kept in
-    ``<stage>/precision.json``, so a resumed stage trains on in the precision it started with)."""
-    saved = ctx.stage_dir / "precision.json"
-    if saved.exists():
-        found = read_json(saved)
-        return found["precision"], found["info"]
-    sample = train_examples[:256]
-    seq_len = round(sum(len(e.input_ids) for e in sample) / max(len(sample), 1))
-    precision, info = resolve_precision(ctx.cfg.trainer, model, int(ctx.settings.batch_size), seq_len)
-    if info and is_rank_zero():
-        atomic_write_json(saved, {"precision": precision, "info": info})
+def stage_precision(ctx: StageContext, module, datamodule, train_examples: list) -> tuple[str | None, dict]:
+    """The stage's training precision (``trainer.precision``; ``auto`` is decided once per stage, by device or
+    by a probe of the module on a batch of the stage's, and kept in ``<stage>/precision.json``, so a resumed
+    stage trains on in the precision it started with: :mod:`kdpipe.lightning.precision`)."""
+    max_tokens = ctx.cfg.data.get("max_tokens") if ctx.cfg.data.get("packing") else None
+
+    def batch() -> dict:  # from the pool the stage samples (all on-policy: the rollouts)
+        pool = datamodule.encode_onpolicy() if getattr(datamodule, "onpolicy_lambda", 0) >= 1 else train_examples
+        return probe_batch(datamodule.collator, pool, int(ctx.settings.batch_size), max_tokens)
+
+    record = ctx.stage_dir / PRECISION_FILE
+    precision, info = resolve_stage_precision(ctx.cfg.trainer, module, batch, record)
+    if info:
+        console.print(f"stage {ctx.spec.dirname}: {describe(precision, info)}")
     return precision, info
 
 
@@ -261,7 +263,7 @@ def fit_stage(ctx: StageContext, module: SFTModule, tokenizer, datamodule: PostT
     if resume_from:
         console.print(f"[yellow]resuming stage {ctx.spec.dirname} from {last}")
     train_examples = datamodule.encode_split("train")
-    precision, precision_info = stage_precision(ctx, module.model, train_examples)
+    precision, precision_info = stage_precision(ctx, module, datamodule, train_examples)
     # the loggers keep what an interrupted attempt logged before the step the stage resumes from
     resume_step = checkpoint_step(last) if resume_from else 0
     loggers = make_loggers(ctx.cfg.get("logger"), ctx.run_dir, ctx.stage_dir, ctx.spec.dirname, resume_step)
