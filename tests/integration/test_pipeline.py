@@ -77,7 +77,7 @@ def test_tiny_pipeline_writes_every_output(tiny_cfg, tmp_path):
     loaded = PipelineState.load(run, resolve_stages(cfg, set(STAGE_KINDS)))
     assert loaded.model_path("teacher") == run / "01_teacher_sft" / "export"
     assert loaded.model_path("student") == run / "05_kd_fast" / "export"
-    assert loaded.stores == {(s.style, s.sequences): s.path for s in stores}
+    assert loaded.stores == {(s.style, s.sequences, None): s.path for s in stores}
     assert run_result.result("kd_fast").reads == {"store": str(store_of(run_result, "score", "fast"))}
     assert (run / "config.yaml").exists() and (run / "config_tree.log").exists()
     # the eval stage evaluated the export of the student's last training stage
