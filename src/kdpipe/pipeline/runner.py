@@ -17,7 +17,7 @@ from kdpipe.pipeline.preflight import preflight
 from kdpipe.pipeline.report import table_rows, write_results
 from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.sharing import find_shared, publish_shared, shared_dir
-from kdpipe.pipeline.spec import StageSpec, complete_stages, resolve_stages
+from kdpipe.pipeline.spec import StageSpec, complete_stages, control_target, resolve_stages
 from kdpipe.pipeline.stages import RANK_ZERO_KINDS, STAGE_KINDS, StageContext
 from kdpipe.pipeline.state import STATE_FILE, PipelineRun, PipelineState
 from kdpipe.utils.claim import SharedLock, claimed
@@ -199,6 +199,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, specs: list[StageSpec], rank_zer
     state.save()  # rank 0 only, like every write of the run's own files below
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     console.rule(f"[bold]kdpipe run {run_dir}" + (f" ({world_size()} ranks)" if world_size() > 1 else ""))
+    controls = frozenset(s.index for s in specs if control_target(s, specs) is not None)
     for spec in specs:
         if state.stages[spec.index].status == "done":
             console.print(f"[dim]stage {spec.dirname} ({spec.kind}, {spec.model}) already done: skipped")
@@ -207,7 +208,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, specs: list[StageSpec], rank_zer
         stage_dir = run_dir / spec.dirname
         stage_dir.mkdir(parents=True, exist_ok=True)  # every rank: Lightning and the store write below it
         state.mark_running(spec.index)
-        start_from = state.model_path(spec.model)
+        # a control starts where the stage it controls started; no later stage continues from a control
+        start_from = state.model_path(spec.model, before=control_target(spec, specs), skip=controls)
         ctx = StageContext(cfg, spec, run_dir, stage_dir, start_from, state.stores, state.rollouts, order=specs)
         result = run_stage(ctx)
         write_stage_metrics(ctx, result)

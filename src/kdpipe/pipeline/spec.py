@@ -182,9 +182,50 @@ def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
                 f"pipeline.stages.{name}.model={merged.model!r} is not a configured model; "
                 f"models: {sorted(models.keys())}"
             )
+        if merged.get("control_of") is not None:
+            merged = _as_control(cfg, str(name), merged, specs)
         occurrence = 1 + sum(s.name == str(name) for s in specs)
         specs.append(StageSpec(index=index, name=str(name), config=merged, occurrence=occurrence))
     return specs
+
+
+def _as_control(cfg: DictConfig, name: str, own: DictConfig, specs: Sequence[StageSpec]) -> DictConfig:
+    """A budget-matched control (``control_of: <stage>``): an ``sft`` stage with the named stage's data,
+    style, steps, batch, optimizer, schedule, curriculum, evaluation and seed (so the same data order), which
+    starts from the weights that stage started from (:func:`control_target`). What the named stage adds
+    beyond SFT (a ``kd`` stage's teacher signal, its on-policy share) is what the comparison isolates."""
+    target = str(own.control_of)
+    where = f"pipeline.stages.{name}.control_of={target!r}"
+    if own.kind != "sft":
+        raise PipelineConfigError(f"{where}: a control is an sft stage (kind: sft), not {own.kind!r}")
+    earlier = [s for s in specs if s.name == target]
+    if not earlier:
+        raise PipelineConfigError(f"{where}: no stage of that name runs before it (the order so far: "
+                                  f"{[s.name for s in specs]})")  # fmt: skip
+    base = earlier[-1]
+    if base.kind not in ("sft", "kd") or base.model != own.model or base.config.get("control_of") is not None:
+        raise PipelineConfigError(
+            f"{where}: the stage it controls must be an sft or kd stage of model {own.model!r} that is not a "
+            f"control itself (it is a {base.kind} stage of {base.model!r})"
+        )
+    sft_keys = set(kind_defaults(cfg, "sft").keys())
+    settings = {k: v for k, v in OmegaConf.to_container(base.config).items() if k in sft_keys}
+    seed = base.config.get("seed")
+    settings.update(
+        kind="sft",
+        control_of=target,
+        share=False,
+        seed=int(seed) if seed is not None else stage_seed(int(cfg.get("seed", 0)), base.instance),
+    )
+    return OmegaConf.create(settings)
+
+
+def control_target(spec: StageSpec, specs: Sequence[StageSpec]) -> int | None:
+    """For a control stage, the index of the entry it controls (the latest of that name before it)."""
+    target = spec.config.get("control_of")
+    if target is None:
+        return None
+    return max(s.index for s in specs[: spec.index] if s.name == str(target))
 
 
 def rollout_stage(

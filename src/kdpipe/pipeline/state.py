@@ -133,9 +133,16 @@ class PipelineState:
     def _done(self) -> list[StageRecord]:
         return [s for s in self.stages if s.status == "done" and s.result is not None]
 
-    def model_path(self, model: str) -> Path | None:
-        """The export the next stage of ``model`` starts from: its latest one (None: build it fresh)."""
-        exports = [s.result.export for s in self._done() if s.model == model and s.result.export is not None]
+    def model_path(self, model: str, before: int | None = None, skip: frozenset[int] = frozenset()) -> Path | None:
+        """The export the next stage of ``model`` starts from: its latest one (None: build it fresh), among the
+        stages before index ``before`` (None: all), leaving out the indices in ``skip`` (controls, whose
+        weights no later stage continues from)."""
+        exports = [
+            s.result.export
+            for i, s in enumerate(self.stages[:before])
+            if i not in skip and s.status == "done" and s.result is not None
+            and s.model == model and s.result.export is not None
+        ]  # fmt: skip
         return exports[-1] if exports else None
 
     @property
