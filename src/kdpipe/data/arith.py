@@ -30,6 +30,7 @@ generating more examples for one split can never pull a problem into another.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -229,14 +230,7 @@ def generate_split(
         if level not in LEVELS:
             raise ValueError(f"unknown arith level {level}; levels are {sorted(LEVELS)}")
         rng = random.Random(f"arith:{seed}:{split}:{level}:{max_value}")
-        seen: set[str] = set()
-        tries, max_tries = 0, 200 * n_per_level + 2000
-        while len(seen) < n_per_level and tries < max_tries:
-            tries += 1
-            expression, value, steps = draw_problem(rng, LEVELS[level], max_value)
-            if expression in seen or split_of(expression) != split:
-                continue
-            seen.add(expression)
+        for expression, value, steps in _draws(rng, LEVELS[level], split, n_per_level, max_value):
             example = make_example(level, expression, value, steps, version)
             if split == "train" and noise_rate > 0.0:
                 example = add_label_noise(
@@ -244,6 +238,40 @@ def generate_split(
                 )
             examples.append(example)
     return examples
+
+
+def _space(spec: LevelSpec) -> int | None:
+    """How many expressions a level without ``*`` can write (None with ``*``: its factors are redrawn)."""
+    if "*" in spec.ops:
+        return None
+    return (spec.max_operand + 1) ** spec.n_operands * len(spec.ops) ** (spec.n_operands - 1)
+
+
+def _draws(rng: random.Random, spec: LevelSpec, split: str, n: int, max_value: int):
+    """Up to ``n`` distinct problems of ``split`` at one level. A level whose whole space is small next to
+    ``n`` (levels 1 and 2: ~100 and ~1900 expressions) is enumerated and shuffled: sampling it until 200 n
+    draws failed took a minute for the default train split. Larger levels are sampled."""
+    space = _space(spec)
+    if space is not None and space <= 50 * n:
+        found = []
+        for operands in itertools.product(range(spec.max_operand + 1), repeat=spec.n_operands):
+            for ops in itertools.product(spec.ops, repeat=spec.n_operands - 1):
+                value, steps = solve(list(operands), list(ops))
+                expression = "".join(f"{a}{op}" for a, op in zip(operands, ops)) + str(operands[-1])
+                if all(0 <= v <= max_value for v in _intermediates(steps)) and split_of(expression) == split:
+                    found.append((expression, value, steps))
+        rng.shuffle(found)
+        yield from found[:n]
+        return
+    seen: set[str] = set()
+    tries, max_tries = 0, 200 * n + 2000
+    while len(seen) < n and tries < max_tries:
+        tries += 1
+        expression, value, steps = draw_problem(rng, spec, max_value)
+        if expression in seen or split_of(expression) != split:
+            continue
+        seen.add(expression)
+        yield expression, value, steps
 
 
 def extract_answer(text: str) -> str | None:
