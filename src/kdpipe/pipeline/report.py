@@ -11,14 +11,59 @@ from kdpipe.utils.plots import save_accuracy_plot
 from kdpipe.utils.tables import markdown_table
 
 
-def results_payload(state: PipelineState) -> dict:
-    """``{"stages": [{"name", "kind", "model", "dir", "status", "metrics"}]}`` for every stage so far."""
-    return {
-        "stages": [
-            {"name": s.name, "kind": s.kind, "model": s.model, "dir": s.dir, "status": s.status, "metrics": s.metrics}
-            for s in state.stages
-        ]
-    }
+def results_payload(state: PipelineState, controls: dict[str, str] | None = None) -> dict:
+    """``{"stages": [{"name", "kind", "model", "dir", "status", "metrics"}], "comparisons": [...]}`` for every
+    stage so far; ``controls`` maps each control stage to the stage it controls (:func:`comparisons`)."""
+    stages = [
+        {"name": s.name, "kind": s.kind, "model": s.model, "dir": s.dir, "status": s.status, "metrics": s.metrics}
+        for s in state.stages
+    ]
+    return {"stages": stages, "comparisons": comparisons(stages, controls or {})}
+
+
+def _scored(stage: dict | None) -> dict | None:
+    if stage is None or stage["metrics"].get("accuracy") is None:
+        return None
+    return {"stage": stage["name"], "accuracy": stage["metrics"]["accuracy"]}
+
+
+def comparisons(stages: list[dict], controls: dict[str, str]) -> list[dict]:
+    """Each evaluated ``kd`` stage against the stage of its model evaluated last before it in the same
+    ``eval_style`` (what it started from, or the nearest stage that was evaluated so) and against its
+    budget-matched control (the stage whose ``control_of`` names it), in accuracy points. One run's figures:
+    a claim needs several seeds (``kdpipe-aggregate --compare-stages``)."""
+    control_for = {target: name for name, target in controls.items()}
+    out = []
+    for i, stage in enumerate(stages):
+        style = stage["metrics"].get("eval_style")
+        if stage["kind"] != "kd" or _scored(stage) is None:
+            continue
+        earlier = [
+            s for s in stages[:i]
+            if s["model"] == stage["model"] and s["name"] not in controls and _scored(s) is not None
+            and s["metrics"].get("eval_style") == style
+        ]  # fmt: skip
+        control = next((s for s in stages if s["name"] == control_for.get(stage["name"])), None)
+        out.append({"stage": stage["name"], "eval_style": style, "accuracy": stage["metrics"]["accuracy"],
+                    "before": _scored(earlier[-1] if earlier else None), "control": _scored(control)})  # fmt: skip
+    return out
+
+
+def comparison_lines(payload: dict) -> list[str]:
+    """``kd_fast (fast) 80.7%: +16.1 points over sft_fast (64.6%), +14.8 over its control kd_fast_control``."""
+    lines = []
+    for c in payload.get("comparisons", []):
+        parts = []
+        for what, ref in (("over", c["before"]), ("over its control", c["control"])):
+            if ref is not None:
+                diff = 100 * (c["accuracy"] - ref["accuracy"])
+                parts.append(f"{diff:+.1f} points {what} {ref['stage']} ({100 * ref['accuracy']:.1f}%)")
+        if parts:
+            lines.append(f"{c['stage']} ({c['eval_style']}) {100 * c['accuracy']:.1f}%: " + ", ".join(parts))
+    if lines:
+        lines.append("one run, one seed: for confidence intervals run seeds as a multirun and "
+                     "kdpipe-aggregate --compare-stages (docs/results.md)")  # fmt: skip
+    return lines
 
 
 def _levels(stages: list[dict]) -> list[str]:
@@ -52,7 +97,7 @@ def table_rows(payload: dict) -> tuple[list[str], list[list[str]]]:
     stages = _evaluated(payload)
     levels = _levels(stages)
     show_metric = any(s["metrics"].get("metric", BUILT_IN_METRIC) != BUILT_IN_METRIC for s in stages)
-    header = ["#", "stage", "kind", "model", *(["metric"] if show_metric else []), "acc %"]
+    header = ["#", "stage", "kind", "model", "mode", *(["metric"] if show_metric else []), "acc %"]
     header += [*[f"L{lvl} %" for lvl in levels], "resp tok", "loss", "train s"]
     rows = []
     for s in stages:
@@ -65,6 +110,7 @@ def table_rows(payload: dict) -> tuple[list[str], list[list[str]]]:
                 s["name"],
                 s["kind"],
                 s["model"],
+                str(m.get("eval_style") or "-"),
                 *([str(m.get("metric", BUILT_IN_METRIC))] if show_metric else []),
                 _accuracy(m),
                 *[_fmt(by_level.get(lvl), pct=True) for lvl in levels],
@@ -100,13 +146,14 @@ def plot_accuracy(payload: dict, path: Path) -> bool:
     return True
 
 
-def write_results(state: PipelineState) -> dict:
+def write_results(state: PipelineState, controls: dict[str, str] | None = None) -> dict:
     """Write ``results.json``, ``results.md`` and ``results.png`` into the run dir (global rank 0 only);
     returns the payload."""
-    payload = results_payload(state)
+    payload = results_payload(state, controls)
     if not is_rank_zero():
         return payload
     atomic_write_json(state.run_dir / "results.json", payload)
-    atomic_write_text(state.run_dir / "results.md", markdown_table(*table_rows(payload)))
+    notes = "".join(f"\n- {line}" for line in comparison_lines(payload))
+    atomic_write_text(state.run_dir / "results.md", markdown_table(*table_rows(payload)) + notes)
     plot_accuracy(payload, state.run_dir / "results.png")
     return payload

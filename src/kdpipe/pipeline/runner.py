@@ -14,7 +14,7 @@ from kdpipe.lightning.launch import distributed_job
 from kdpipe.lightning.trainer import check_trainer_device
 from kdpipe.pipeline.checks import check_evaluations, check_optimized_metric, check_shared_vocabulary
 from kdpipe.pipeline.preflight import preflight
-from kdpipe.pipeline.report import table_rows, write_results
+from kdpipe.pipeline.report import comparison_lines, table_rows, write_results
 from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.sharing import find_shared, publish_shared, shared_dir
 from kdpipe.pipeline.spec import StageSpec, complete_stages, control_target, resolve_stages
@@ -200,6 +200,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, specs: list[StageSpec], rank_zer
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     console.rule(f"[bold]kdpipe run {run_dir}" + (f" ({world_size()} ranks)" if world_size() > 1 else ""))
     controls = frozenset(s.index for s in specs if control_target(s, specs) is not None)
+    control_names = {specs[i].name: str(specs[i].config.control_of) for i in controls}
     for spec in specs:
         if state.stages[spec.index].status == "done":
             console.print(f"[dim]stage {spec.dirname} ({spec.kind}, {spec.model}) already done: skipped")
@@ -214,12 +215,14 @@ def _run_locked(cfg: DictConfig, run_dir: Path, specs: list[StageSpec], rank_zer
         result = run_stage(ctx)
         write_stage_metrics(ctx, result)
         state.mark_done(spec.index, result)
-        write_results(state)
+        write_results(state, control_names)
         barrier()  # the next stage may read what rank 0 wrote for this one
-    payload = write_results(state)
+    payload = write_results(state, control_names)
     if rank_zero:
         Console(width=max(console.width, 132)).print(
             rich_table(*table_rows(payload), title=f"kdpipe results: {run_dir}")
         )
+        for line in comparison_lines(payload):
+            console.print(line)
         console.print(f"results: {run_dir / 'results.md'}  plot: {run_dir / 'results.png'}")
     return PipelineRun(run_dir, payload, state.stages)
