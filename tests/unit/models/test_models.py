@@ -404,8 +404,10 @@ def test_a_pkg_path_finds_its_folder_in_a_package_that_spans_several(tmp_path, m
     first, second = tmp_path / "site" / "pkg", tmp_path / "src" / "pkg"
     (first / "configs").mkdir(parents=True)
     (second / "assets" / "teacher").mkdir(parents=True)
+    (second / "__init__.py").write_text("")
     spec = importlib.machinery.ModuleSpec("pkg", None, is_package=True)
     spec.submodule_search_locations = [str(first), str(second)]
     monkeypatch.setattr(factory.importlib.util, "find_spec", lambda name: spec)
     assert factory.resolve_path("pkg://pkg/assets/teacher") == str(second / "assets" / "teacher")
-    assert factory.resolve_path("pkg://pkg") == str(first)
+    assert factory.resolve_path("pkg://pkg") == str(second)  # the folder with the package's __init__.py
+    assert factory.resolve_path("pkg://pkg/configs") == str(first / "configs")
