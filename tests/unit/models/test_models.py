@@ -117,7 +117,9 @@ def test_unknown_options_are_refused():
 
 
 def test_pkg_paths_name_an_installed_package_folder():
-    kdpipe_dir = Path(importlib.util.find_spec("kdpipe").submodule_search_locations[0])
+    import kdpipe
+
+    kdpipe_dir = Path(kdpipe.__file__).parent
     assert resolve_path("pkg://kdpipe") == str(kdpipe_dir)
     assert resolve_path("pkg://kdpipe/models") == str(kdpipe_dir / "models")
     assert resolve_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
