@@ -58,7 +58,7 @@ def resolve_path(path: str | Path) -> str:
     roots = [Path(p) for p in spec.submodule_search_locations]
     # a package may span several folders (an editable install: the source tree and a folder of force-included
     # files in site-packages): the first that holds the sub-path
-    # (no sub-path: the one with the package's __init__.py)
+    # (no sub-path: the one with the package's __init__.py, if any: a namespace package has none)
     want = sub or "__init__.py"
     found = next((root for root in roots if (root / want).exists()), roots[0])
     return str(found / sub) if sub else str(found)
