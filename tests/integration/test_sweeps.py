@@ -113,12 +113,14 @@ def test_a_wandb_stage_leaves_no_wandb_state_to_the_next_job(tiny_cfg, tmp_path,
 
 
 def test_multirun_over_stage_orders_shares_one_teacher_and_store_and_finishes_wandb(tiny_cfg, tmp_path):
-    """Two presets in one basic-sweeper multirun with the (offline) wandb logger: the first job trains and
-    scores the teacher, the second reuses both; every training stage of every job has its own finished run."""
+    """Two stage orders (the presets sft_r_sft_f_kd_f and alternation, each after a teacher stage) in one
+    basic-sweeper multirun with the (offline) wandb logger: the first job trains and scores the teacher, the
+    second reuses both; every training stage of every job has its own finished run."""
     args = tiny_cfg.args(
         "logger=wandb",
         "pipeline.stages.teacher_sft.share=true",
-        "pipeline/preset=sft_r_sft_f_kd_f,alternation",
+        "pipeline.order=[teacher_sft,score,sft_reasoning,sft_fast,kd_fast],"
+        "[teacher_sft,score,sft_reasoning,kd_reasoning,sft_fast,kd_fast]",
         PICKLE_RETURNS,
     )
     run_cli("kdpipe-train", "-m", *args, cwd=tmp_path)
@@ -162,8 +164,9 @@ def test_multirun_over_stage_orders_shares_one_teacher_and_store_and_finishes_wa
             assert "finishing run" in (run / "logs" / "debug.log").read_text()
             run_ids.add(run.name.split("-", 3)[-1])
             sweep = yaml.safe_load((run / "files" / "config.yaml").read_text())["sweep"]["value"]
-            preset = ("sft_r_sft_f_kd_f", "alternation")[number]
-            assert sweep["job_num"] == number and f"pipeline/preset={preset}" in sweep["overrides"]
+            order = ("sft_fast,kd_fast]", "kd_reasoning,sft_fast,kd_fast]")[number]
+            swept = [o for o in sweep["overrides"] if o.startswith("pipeline.order=")]
+            assert sweep["job_num"] == number and len(swept) == 1 and swept[0].endswith(order)
     assert len(run_ids) == 10
 
 

@@ -73,19 +73,23 @@ def test_score_config_composes_with_the_score_stage_keys_at_top_level(tmp_path):
     assert given.k == 8 and list(given.styles) == ["fast"]
 
 
-def test_default_pipeline_is_teacher_score_then_the_alternation(tmp_path):
+def test_default_pipeline_is_the_teacher_in_both_modes_score_the_alternation_and_a_control(tmp_path):
     cfg = compose_cfg([], tmp_path)
     specs = resolve_stages(cfg, set(STAGE_KINDS))
     assert [(s.name, s.kind, s.model) for s in specs] == [
-        ("teacher_sft", "sft", "teacher"),
+        ("teacher_reasoning_eval", "eval", "teacher"),
+        ("teacher_fast_eval", "eval", "teacher"),
         ("score", "score", "teacher"),
         ("sft_reasoning", "sft", "student"),
         ("kd_reasoning", "kd", "student"),
         ("sft_fast", "sft", "student"),
         ("kd_fast", "kd", "student"),
+        ("kd_fast_control", "sft", "student"),
     ]
     styles = [s.config.get("style") for s in specs]
-    assert styles == ["reasoning", None, "reasoning", "reasoning", "fast", "fast"]
+    assert styles == ["reasoning", "fast", None, "reasoning", "reasoning", "fast", "fast", "fast"]
+    assert specs[-1].config.control_of == "kd_fast" and specs[-1].config.max_steps == specs[-2].config.max_steps
+    assert cfg.models.teacher.source == "pretrained" and cfg.data.label_noise.rate > 0
     # the teacher is several times larger than the student
     t, s = cfg.models.teacher.arch, cfg.models.student.arch
     assert t.hidden_size * t.num_hidden_layers >= 4 * s.hidden_size * s.num_hidden_layers

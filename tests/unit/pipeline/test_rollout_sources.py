@@ -35,7 +35,7 @@ def test_a_stage_gets_the_same_seed_in_every_preset(tiny_cfg):
     short = dict(seeds(tiny_cfg("pipeline/preset=sft_r_sft_f_kd_f")))
     long = dict(seeds(tiny_cfg("pipeline/preset=alternation_onpolicy")))
     common = set(short) & set(long)
-    assert {"teacher_sft", "score", "sft_reasoning", "sft_fast"} <= common
+    assert {"score", "sft_reasoning", "sft_fast"} <= common
     assert all(short[name] == long[name] for name in common)  # though most sit at another index
     assert len(set(long.values())) == len(long)  # and no two stages share one
     # the same function of (run seed, name) everywhere: a sha256, not Python's salted hash()
