@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdpipe.cli.aggregate_compare import Comparison
-from kdpipe.utils.io import atomic_file
-from kdpipe.utils.plots import save_accuracy_plot
+from kdpipe.utils.plots import finish_plot, save_accuracy_plot
 
 
 def plot_summary(summary: dict, path: Path, title: str) -> None:
@@ -104,10 +103,4 @@ def plot_differences(comparisons: list[Comparison], path: Path, title: str) -> N
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(ys, [f"{c.name} (n={c.paired.ci.n}): {c.verdict}" for c in comparisons])
     ax.set_xlabel("accuracy difference a - b (points), 95% CI")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    finish_plot(fig, ax, path, title, grid_axis="x")

@@ -12,9 +12,15 @@ def save_accuracy_plot(fig, ax, path: Path, ylabel: str, title: str) -> None:
     ``path`` atomically and close the figure."""
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 105)
+    finish_plot(fig, ax, path, title, grid_axis="y")
+
+
+def finish_plot(fig, ax, path: Path, title: str, grid_axis: str = "y") -> None:
+    """Add the title, a legend right of the axes and a light grid, then write ``path`` atomically and close
+    the figure."""
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis=grid_axis, alpha=0.3)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120)
