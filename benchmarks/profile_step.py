@@ -5,7 +5,7 @@ Run with kdpipe's venv (``make bench-trl`` does not run it; it is for reading th
     .venv/bin/python benchmarks/profile_step.py --packing on --kd           # one KD step, packed
     .venv/bin/python benchmarks/profile_step.py --packing off --optimizer adamw-fused
 
-Same model, data and step as ``kdpipe-bench step --models smollm2-135m`` (kdpipe.benchmarks.step): the
+Same model, data and step as ``kdpipe-bench step --models smollm2-135m`` (kdpipe.benchmarks.step_real): the
 generated arithmetic chat examples, batch 8, max length 128, fp32 unless ``--precision bf16-mixed``. After
 ``--warmup`` untimed steps it times ``--steps`` steps phase by phase (collate incl. the teacher-store join,
 forward + fused loss, backward, grad-norm clip, optimizer step + zero grad; medians), then runs one more step
@@ -26,14 +26,8 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.benchmarks.step import (
-    OPTIMIZERS,
-    build_store,
-    chat_arith_records,
-    encode_records,
-    load_real_model,
-    score_store,
-)
+from kdpipe.benchmarks.step import build_store
+from kdpipe.benchmarks.step_real import OPTIMIZERS, chat_arith_records, encode_records, load_real_model, score_store
 from kdpipe.data.collate import Collator, KDCollator
 from kdpipe.losses import KDLossSettings
 from kdpipe.modules import KDModule, SFTModule

@@ -73,7 +73,8 @@ def bench_loss(args: argparse.Namespace) -> dict:
 
 
 def bench_step(args: argparse.Namespace) -> dict:
-    from kdpipe.benchmarks.step import MODELS, OPTIMIZERS, PRECISIONS, REAL_MODELS, TEACHERS, run, run_real
+    from kdpipe.benchmarks.step import MODELS, run
+    from kdpipe.benchmarks.step_real import OPTIMIZERS, PRECISIONS, REAL_MODELS, TEACHERS, run_real
 
     models = known_names(args.models, {**MODELS, **REAL_MODELS}, "--models")
     precisions = known_names(args.precision, PRECISIONS, "--precision")

@@ -55,7 +55,7 @@ def test_step_bench_reports_kd_over_sft(tmp_path):
 
 
 def test_chat_arith_records_are_the_same_examples_in_the_same_order_every_time():
-    from kdpipe.benchmarks.step import chat_arith_records
+    from kdpipe.benchmarks.step_real import chat_arith_records
 
     records = chat_arith_records(40)
     assert records == chat_arith_records(40)  # what kdpipe and TRL (benchmarks/trl_sft.py) both train on
