@@ -8,8 +8,9 @@ verified once per run on first read; that one-time cost is reported apart (``sto
 Two kinds of model:
 
 - the shapes of :data:`MODELS`: randomly initialised llama models on random token sequences (:func:`run`);
-- the real checkpoints of :data:`kdpipe.benchmarks.step_real.REAL_MODELS` (:func:`~kdpipe.benchmarks.step_real.run_real`), e.g. SmolLM2-135M-Instruct loaded through
-  kdpipe's model factory, on generated arithmetic chat examples (``step_real.chat_arith_records``) rendered with the
+- the real checkpoints of ``step_real.REAL_MODELS`` (``kdpipe.benchmarks.step_real.run_real``), e.g.
+  SmolLM2-135M-Instruct loaded through kdpipe's model factory, on generated arithmetic chat examples
+  (``step_real.chat_arith_records``) rendered with the
   tokenizer's chat template and encoded as a training stage encodes them (:func:`kdpipe.data.encode.encode_example`).
   One row per packing mode and precision; the teacher store holds the same model's real top-k (``teacher="model"``)
   or the synthetic signal (``teacher="synthetic"``). The chat examples can be written to a JSONL file (with their
