@@ -103,7 +103,7 @@ def test_hydra_raising_for_us_is_not_the_user_asking_for_tracebacks(monkeypatch,
             "(did you mean 'pipeline.stages.kd_fast.loss.ce_weight'?)",
         ),
         (["data=jsonl_chat", "data.rols.a=b"], "unknown key 'data.rols' (did you mean 'data.roles'?)"),
-        (["data_fraction=0.1"], "unknown key 'data_fraction' (the keys at the top: "),  # the experiment's key
+        (["data_size=scarce"], "unknown key 'data_size' (did you mean 'data'?)"),  # the experiment's key
         (["-m", "pipeline=tiny,default", "seed=1,2", "+sed=4"], "unknown key 'sed'"),
     ],
 )
@@ -120,7 +120,7 @@ def test_an_unknown_key_is_refused_with_the_closest_known_one(args, message):
         ["data=jsonl_chat", "data.files.train=x.jsonl", "data.on_error=skip"],  # a group's keys
         ["+stage@pipeline.stages.x=eval", "pipeline.stages.x.model=student", "pipeline.order=[x]"],
         ["+callbacks.crash={_target_: tests.helpers.CrashAt}"],  # adding inside a known key
-        ["experiment=kd_vs_sft_data_scale", "data_fraction=0.1"],  # a key the chosen experiment brings
+        ["experiment=kd_vs_sft_data_scale", "data_size=scarce"],  # a key the chosen experiment brings
         ["model@models.student=hf", "models.student.path=x"],
         ["hydra.run.dir=/tmp/x", "hydra/job_logging=stdout", "hydra.output_subdir=null"],
         ["-m", "seed=1,2", "pipeline=tiny,default"],
