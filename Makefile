@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BASE_STAMP := $(VENV)/.kdpipe-base-installed
 STAMP := $(VENV)/.kdpipe-installed
 
-.PHONY: install install-base demo teacher real-demo test test-all bench bench-trl venv-trl lint format notebooks clean
+.PHONY: install install-base demo teacher real-demo test test-all experiments bench bench-trl venv-trl lint format notebooks clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -52,6 +52,14 @@ test: install  ## the test suite (excludes @pytest.mark.slow)
 
 test-all: install  ## every test, slow ones included
 	$(PY) -m pytest $(ARGS)
+
+# The built-in benchmark's experiments (docs/results.md), one Hydra multirun each in a fixed folder: run it again
+# after an interruption and every job continues where it stopped. EXPERIMENTS= picks some.
+EXPERIMENTS ?= paper_stage_orders kd_vs_sft_data_scale two_stage_synthetic teacher_strength
+
+experiments: install-base  ## the results page's experiments (hours on 2 CPU cores; resumable), logs/multiruns/<name>
+	for e in $(EXPERIMENTS); do \
+		time $(VENV)/bin/kdpipe-train experiment=$$e hydra.sweep.dir=logs/multiruns/$$e resume=auto $(ARGS) || exit 1; done
 
 bench: install  ## every benchmark: prints tables, writes JSON under logs/bench/
 	$(VENV)/bin/kdpipe-bench store --json logs/bench/store.json

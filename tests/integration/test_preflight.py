@@ -119,6 +119,18 @@ def test_an_identical_resume_passes_the_strict_check_and_a_change_is_named(tiny_
     assert done.result("sft_fast").metrics["steps"] == 6
 
 
+def test_resume_auto_starts_an_empty_folder_and_continues_a_crashed_run_in_it(tiny_cfg, tmp_path):
+    crash = crash_override("01_sft_fast", 2, tmp_path / "crashed.marker")
+    base = ["pipeline.order=[sft_fast]", "pipeline.stages.sft_fast.checkpoint_every_n_steps=2", "resume=auto"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(*base, crash))  # the folder held no run: a new one starts in it
+    assert (tmp_path / "run" / "config.yaml").exists()
+    done = train(tiny_cfg(*base, crash))  # the same command again: the run in the folder is continued
+    assert done.result("sft_fast").metrics["steps"] == 6
+    again = train(tiny_cfg(*base))  # finished: every stage is skipped, the results stay
+    assert again.result("sft_fast").metrics["steps"] == 6
+
+
 def test_a_second_kdpipe_train_on_a_locked_run_is_refused(tiny_cfg, tmp_path):
     train(tiny_cfg("pipeline.order=[eval_student]"))
     lock = SharedLock(tmp_path / "run" / "run")

@@ -66,5 +66,5 @@ def removing_stray_run_dir(cfg: DictConfig, since: float) -> Iterator[None]:
     finally:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
             hydra = HydraConfig.get()
-            resumed = Path(str(cfg.resume)).expanduser() if cfg.get("resume") else None
+            resumed = Path(str(cfg.resume)).expanduser() if cfg.get("resume") not in (None, "auto") else None
             remove_if_stray(Path(hydra.runtime.output_dir), since, f"{hydra.job.name}.log", resumed)

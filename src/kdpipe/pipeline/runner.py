@@ -96,8 +96,19 @@ def config_for_resume(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return saved, run_dir
 
 
+def resolve_auto_resume(cfg: DictConfig) -> None:
+    """``resume=auto``: continue the run already in this run's own folder (``paths.run_dir``, e.g. a sweep job
+    of a fixed ``hydra.sweep.dir`` run again), or start it there when the folder holds no run yet."""
+    if str(cfg.get("resume")) != "auto":
+        return
+    run_dir = Path(str(cfg.paths.run_dir)).expanduser().resolve()
+    with open_dict(cfg):
+        cfg.resume = str(run_dir) if (run_dir / "config.yaml").exists() else None
+
+
 def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, list[StageSpec]]:
     """Validate everything that can be checked before a stage runs; return (config, run dir, stages)."""
+    resolve_auto_resume(cfg)
     if cfg.get("resume"):
         cfg, run_dir = config_for_resume(cfg)
     else:
@@ -118,7 +129,7 @@ def preflight_jobs(jobs: list[tuple[str, DictConfig]]) -> None:
     the first job trains; one :class:`PipelineConfigError` names each job that cannot start and why."""
     failed = []
     for name, cfg in jobs:
-        if cfg.get("resume"):
+        if cfg.get("resume") and str(cfg.resume) != "auto":
             continue  # a resumed job is checked against its own saved run when it starts
         cfg = cfg.copy()
         with open_dict(cfg):
