@@ -294,3 +294,20 @@ def test_a_kd_stage_reads_its_store_at_a_smaller_k_and_another_temperature(tiny_
     kd = json.loads((tmp_path / "run" / "05_kd_fast" / "metrics.json").read_text())["metrics"]
     assert kd["teacher_k"] == score_k // 2 and kd["teacher_temperature"] == 2.0
     assert 0.0 < kd["kd_teacher_topk_mass"] < 1.0 and math.isfinite(kd["train_divergence"])
+
+
+def test_a_stage_with_its_own_data_keys_reads_its_own_data_and_the_others_the_runs(tiny_cfg, tmp_path):
+    """``pipeline.stages.<name>.data``: merged over the top-level data for that stage only (a teacher trained
+    on more, cleaner problems than the student's), and part of a shared stage's identity."""
+    base = tiny_cfg("pipeline.order=[sft_fast]")
+    more = int(base.data.n_train_per_level) * 2
+    # on the command line a stage's data keys are new keys (`+`); in a config file they are written as usual
+    own = [f"+pipeline.stages.teacher_sft.data.n_train_per_level={more}", "pipeline.order=[teacher_sft,sft_fast]"]
+    done = train(tiny_cfg(*own, "+pipeline.stages.teacher_sft.data.label_noise.rate=0.0",
+                          "pipeline.stages.teacher_sft.share=true"))  # fmt: skip
+    teacher, student = done.result("teacher_sft").metrics, done.result("sft_fast").metrics
+    assert teacher["train_examples"] > student["train_examples"]
+    identity = json.loads(next(tmp_path.rglob("shared/teacher_sft-*/identity.json")).read_text())
+    assert identity["data"]["n_train_per_level"] == more and identity["data"]["label_noise"]["rate"] == 0.0
+    with pytest.raises(PipelineConfigError, match=r"pipeline.stages.teacher_sft.data.n_train_per_levl"):
+        train(tiny_cfg("+pipeline.stages.teacher_sft.data.n_train_per_levl=3", run_dir=tmp_path / "typo"))

@@ -24,7 +24,7 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from kdpipe.pipeline.spec import resolve_stages
+from kdpipe.pipeline.spec import resolve_stages, stage_data
 from kdpipe.pipeline.stages import STAGE_KINDS
 from kdpipe.utils.io import atomic_dir, atomic_write_json, read_json, sha256_file
 
@@ -41,7 +41,7 @@ def recipe_of(cfg: DictConfig) -> dict:
     return {
         "stage": OmegaConf.to_container(stage.config, resolve=True),
         "model": {k: v for k, v in model.items() if k not in MODEL_KEYS_NOT_IN_RECIPE},
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "data": OmegaConf.to_container(stage_data(cfg, stage.config), resolve=True),  # what the teacher read
         "seed": int(cfg.seed),
         "precision": str(cfg.trainer.precision),
     }

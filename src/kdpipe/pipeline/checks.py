@@ -18,7 +18,7 @@ from kdpipe.eval.metrics import UserMetric
 from kdpipe.eval.plan import MetricNotApplicable, plan_evaluation
 from kdpipe.models.factory import build_tokenizer
 from kdpipe.models.vocab import vocabulary_differences
-from kdpipe.pipeline.spec import StageSpec, stage_styles
+from kdpipe.pipeline.spec import StageSpec, stage_data, stage_styles
 from kdpipe.utils.dist import rank_zero_console
 
 console = rank_zero_console()
@@ -81,7 +81,7 @@ def check_evaluations(cfg: DictConfig, specs: Sequence[StageSpec]) -> dict[str, 
             resolved[spec.name] = "lm_eval"
             continue
         try:
-            plan = plan_evaluation(cfg.data, settings.eval, eval_style(settings))
+            plan = plan_evaluation(stage_data(cfg, settings), settings.eval, eval_style(settings))
         except MetricNotApplicable as err:
             raise PipelineConfigError(f"stage {spec.name!r}: {err}") from err
         check_prompt_only(cfg, spec, plan)
@@ -106,7 +106,7 @@ def check_prompt_only(cfg: DictConfig, spec: StageSpec, plan) -> None:
     }
     if not unscorable:
         return
-    located = load_split(cfg.data, plan.split).unlabelled
+    located = load_split(stage_data(cfg, spec.config), plan.split).unlabelled
     where = next((w for id_, w in located if id_ in unscorable), plan.data.get("described"))
     needs = "a response" if not metric.generates else "an `answer` or a response"
     raise PipelineConfigError(

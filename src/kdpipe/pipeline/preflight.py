@@ -8,12 +8,13 @@ writable; on a resume, the stores and rollout sets of finished stages are intact
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.rollouts import task_answer
 from kdpipe.data.sources import load_split
@@ -21,7 +22,7 @@ from kdpipe.errors import PipelineConfigError
 from kdpipe.models.factory import build_tokenizer
 from kdpipe.pipeline.preflight_stores import check_finished, check_stores, label_slot
 from kdpipe.pipeline.result import Slot
-from kdpipe.pipeline.spec import StageSpec, rollout_stage, score_slots, stage_styles
+from kdpipe.pipeline.spec import StageSpec, rollout_stage, score_slots, stage_data, stage_styles
 from kdpipe.store.writer import MANIFEST
 from kdpipe.utils.dist import is_rank_zero, rank_zero_console
 from kdpipe.utils.io import read_json
@@ -129,10 +130,22 @@ def check_data(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
     stage trains on or scores holds no prompt-only record; a rollout that keeps only correct responses can
     check each of its prompts."""
     problems = []
+    by_data: dict[str, list[StageSpec]] = {}  # stages with a `data` of their own read their own splits
+    for spec in specs:
+        own = spec.config.get("data") or {}
+        key = json.dumps(OmegaConf.to_container(own) if OmegaConf.is_config(own) else own, sort_keys=True)
+        by_data.setdefault(key, []).append(spec)
+    for readers in by_data.values():
+        problems.extend(_check_data(stage_data(cfg, readers[0].config), readers))
+    return problems
+
+
+def _check_data(data: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
+    problems = []
     labelled = splits_read(specs, labelled=True)
     for split, readers in splits_read(specs).items():
         try:
-            loaded = load_split(cfg.data, split)
+            loaded = load_split(data, split)
         except (ValueError, KeyError, FileNotFoundError, ImportError, OSError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             problems.append(f"data split {split!r} (read by {', '.join(readers)}): {message}")
@@ -146,11 +159,11 @@ def check_data(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
                 f"{loaded.unlabelled[0][1]}: only `rollout` stages read prompt-only records (a training stage "
                 "trains on a rollout stage's responses with data_from)"
             )
-        problems.extend(_unchecked_prompts(cfg, specs, split, loaded))
+        problems.extend(_unchecked_prompts(specs, split, loaded))
     return problems
 
 
-def _unchecked_prompts(cfg: DictConfig, specs: Sequence[StageSpec], split: str, loaded) -> list[str]:
+def _unchecked_prompts(specs: Sequence[StageSpec], split: str, loaded) -> list[str]:
     """Rollout stages that keep only correct responses (``filters.only_correct``) over prompts they cannot
     check: prompt-only records without an ``answer`` (``withhold_labels`` is checked by :func:`check_rollouts`)."""
     answerless = {e["id"] for e in loaded.examples if e.get("unlabelled") and e.get("answer") is None}
@@ -192,10 +205,11 @@ def check_rollouts(cfg: DictConfig, specs: Sequence[StageSpec]) -> list[str]:
         except PipelineConfigError as err:
             problems.append(str(err))
         only_correct = (settings.get("filters") or {}).get("only_correct")
-        if spec.kind == "rollout" and settings.get("withhold_labels") and only_correct and not task_answer(cfg.data):
+        data = stage_data(cfg, settings)
+        if spec.kind == "rollout" and settings.get("withhold_labels") and only_correct and not task_answer(data):
             problems.append(
                 f"stage {spec.name!r} withholds the labels (withhold_labels) and keeps only correct responses "
-                f"(filters.only_correct), but data.source={cfg.data.get('source')!r} can only check a response "
+                f"(filters.only_correct), but data.source={data.get('source')!r} can only check a response "
                 "against a record's labels (the built-in task solves its prompts): drop one of the two"
             )
     return problems

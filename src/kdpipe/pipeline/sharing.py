@@ -40,7 +40,7 @@ def shared_identity(ctx) -> dict:
     return {
         "stage": OmegaConf.to_container(ctx.settings, resolve=True),  # eval settings too: metrics are reused
         "model": OmegaConf.to_container(ctx.model_cfg, resolve=True),
-        "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
+        "data": OmegaConf.to_container(ctx.data, resolve=True),
         # ``precision: auto`` as the device resolves it: the identity of the precision it trains in (or MEASURED)
         "trainer": {
             **OmegaConf.to_container(ctx.cfg.trainer, resolve=True),

@@ -160,8 +160,9 @@ def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
             )
         defaults = kind_defaults(cfg, str(kind))
         legacy = "stage_defaults" in cfg
-        unknown = _unknown_keys(spec, defaults, f"pipeline.stages.{name}.", skip=() if legacy else GROUP_KEYS)
-        for key in ("optimizer", "scheduler"):  # the group's keys, unless a _target_ of its own replaces it
+        own_keys = () if legacy else (*GROUP_KEYS, "data")  # checked against the top-level group below
+        unknown = _unknown_keys(spec, defaults, f"pipeline.stages.{name}.", skip=own_keys)
+        for key in ("optimizer", "scheduler", "data"):  # the group's keys, unless a _target_ replaces it
             if not legacy and isinstance(spec.get(key), DictConfig) and isinstance(cfg.get(key), DictConfig):
                 unknown += _unknown_keys(spec[key], cfg[key], f"pipeline.stages.{name}.{key}.")
         if unknown:
@@ -187,6 +188,13 @@ def resolve_stages(cfg: DictConfig, kinds: set[str]) -> list[StageSpec]:
         occurrence = 1 + sum(s.name == str(name) for s in specs)
         specs.append(StageSpec(index=index, name=str(name), config=merged, occurrence=occurrence))
     return specs
+
+
+def stage_data(cfg: DictConfig, settings: DictConfig) -> DictConfig:
+    """The data config a stage reads: the top-level ``data`` with the stage's own ``data`` keys merged over it
+    (e.g. a teacher trained on more, or cleaner, data than the student's: ``data: {n_train_per_level: 3000}``)."""
+    own = settings.get("data")
+    return OmegaConf.merge(cfg.data, own) if own else cfg.data
 
 
 def _as_control(cfg: DictConfig, name: str, own: DictConfig, specs: Sequence[StageSpec]) -> DictConfig:

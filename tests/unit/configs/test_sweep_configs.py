@@ -107,3 +107,33 @@ def test_curriculum_ablation_composes_four_schedules_times_three_seeds():
     assert params.curriculum.split(",") == ["random", "sorted", "competence", "reverse"]
     assert len(str(params.seed).split(",")) >= 3
     assert list(cfg.pipeline.order) == ["sft_reasoning"]
+
+
+def _teacher_strength_cell(*overrides):
+    cfg = compose_cfg(["experiment=teacher_strength", *overrides])
+    return cfg, {s.name: s for s in resolve_stages(cfg, set(STAGE_KINDS))}
+
+
+def test_teacher_strength_nests_two_teacher_seeds_per_strength_in_the_five_student_seeds():
+    cfg = compose_cfg(["experiment=teacher_strength"], hydra=True)
+    params = cfg.hydra.sweeper.params
+    seeds = [int(s) for s in str(params.seed).split(",")]
+    assert len(seeds) >= 5 and params.strength.split(",") == ["weak", "strong"]
+    for strength in ("weak", "strong"):
+        teachers = {_teacher_strength_cell(f"strength={strength}", f"seed={s}")[0].teacher for s in seeds}
+        assert len(teachers) == 2, teachers  # both teacher seeds appear among the student seeds of a cell
+
+
+def test_teacher_strength_trains_its_teachers_on_clean_data_and_the_student_on_the_noisy_labels():
+    cfg, stages = _teacher_strength_cell("strength=weak", "method=kd", "seed=2")
+    assert list(stages) == ["teacher_sft", "teacher_reasoning_eval", "score", "kd_reasoning"]
+    teacher = stages["teacher_sft"].config
+    assert teacher.share and teacher.seed == 2 and cfg.models.teacher.arch.hidden_size == 128
+    assert teacher.data.label_noise.rate == 0.0 and cfg.data.label_noise.rate > 0  # the student's labels stay noisy
+    shipped, stages = _teacher_strength_cell("strength=strong", "method=kd", "seed=1")
+    assert list(stages) == ["teacher_reasoning_eval", "score", "kd_reasoning"]  # the shipped teacher: no training
+    assert shipped.models.teacher.source == "pretrained"
+    _, sft = _teacher_strength_cell("strength=strong", "method=sft", "seed=1")
+    _, sft_weak = _teacher_strength_cell("strength=weak", "method=sft", "seed=1")
+    assert sft["sft_reasoning"].config == sft_weak["sft_reasoning"].config and sft["sft_reasoning"].config.share
+    assert sft["sft_reasoning"].config.max_steps == stages["kd_reasoning"].config.max_steps

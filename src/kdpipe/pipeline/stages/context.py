@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from kdpipe.errors import PipelineConfigError
 from kdpipe.pipeline.result import Slot
-from kdpipe.pipeline.spec import StageSpec, rollout_stage, stage_seed, stage_styles
+from kdpipe.pipeline.spec import StageSpec, rollout_stage, stage_data, stage_seed, stage_styles
 
 
 @dataclass
@@ -31,6 +31,11 @@ class StageContext:
     @property
     def settings(self) -> DictConfig:
         return self.spec.config
+
+    @property
+    def data(self) -> DictConfig:
+        """The data config this stage reads: the run's ``data`` with the stage's own ``data`` keys over it."""
+        return stage_data(self.cfg, self.settings)
 
     @property
     def model_cfg(self) -> DictConfig:

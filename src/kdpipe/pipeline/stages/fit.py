@@ -50,7 +50,7 @@ def optimizer_parts(settings: DictConfig) -> dict:
 
 def stage_plan(ctx: StageContext) -> EvalPlan:
     """The stage's evaluation: ``settings.eval`` on the run's data, in ``eval.style`` (default: the first style)."""
-    return plan_evaluation(ctx.cfg.data, ctx.settings.eval, str(ctx.settings.eval.get("style") or ctx.styles[0]))
+    return plan_evaluation(ctx.data, ctx.settings.eval, str(ctx.settings.eval.get("style") or ctx.styles[0]))
 
 
 def evaluate_stage(ctx: StageContext, model, tokenizer, model_dir: Path | None = None) -> dict:
@@ -123,7 +123,7 @@ def make_datamodule(ctx: StageContext, tokenizer, store=None, model=None, onpoli
         scorer_store = TeacherStore(ctx.stores[slot])
     return PostTrainDataModule(
         tokenizer,
-        data=ctx.cfg.data,
+        data=ctx.data,
         style=ctx.styles,
         curriculum=settings.curriculum,
         batch_size=int(settings.batch_size),
@@ -188,7 +188,7 @@ def run_config(ctx: StageContext) -> dict:
         },
         "settings": OmegaConf.to_container(ctx.settings, resolve=True),
         "model": OmegaConf.to_container(ctx.model_cfg, resolve=True),
-        "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
+        "data": OmegaConf.to_container(ctx.data, resolve=True),
         "trainer": OmegaConf.to_container(ctx.cfg.trainer, resolve=True),
         "run_dir": str(ctx.run_dir),
         "starts_from": None if ctx.start_from is None else str(ctx.start_from),
@@ -200,7 +200,7 @@ def stage_precision(ctx: StageContext, module, datamodule, train_examples: list)
     """The stage's training precision (``trainer.precision``; ``auto`` is decided once per stage, by device or
     by a probe of the module on a batch of the stage's, and kept in ``<stage>/precision.json``, so a resumed
     stage trains on in the precision it started with: :mod:`kdpipe.lightning.precision`)."""
-    max_tokens = ctx.cfg.data.get("max_tokens") if ctx.cfg.data.get("packing") else None
+    max_tokens = ctx.data.get("max_tokens") if ctx.data.get("packing") else None
 
     def batch() -> dict:  # from the pool the stage samples (all on-policy: the rollouts)
         pool = datamodule.encode_onpolicy() if getattr(datamodule, "onpolicy_lambda", 0) >= 1 else train_examples

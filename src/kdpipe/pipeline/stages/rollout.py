@@ -39,7 +39,7 @@ def rollout_prompts(ctx: StageContext) -> list[dict]:
     training stage's ``train_fraction`` of that value selects), then the first ``limit``; with
     ``withhold_labels``, stripped of every label."""
     settings = ctx.settings
-    prompts = load_examples(ctx.cfg.data, str(settings.split))
+    prompts = load_examples(ctx.data, str(settings.split))
     if settings.get("exclude_fraction"):
         prompts = outside_subset_by_id(prompts, float(settings.exclude_fraction))
     if settings.get("limit"):
@@ -54,9 +54,9 @@ def run_rollout(ctx: StageContext) -> StageResult:
     model.to(inference_device(ctx.cfg.trainer))
     prompts = rollout_prompts(ctx)
     withheld = bool(settings.get("withhold_labels"))
-    derive = task_answer(ctx.cfg.data) if withheld else None
+    derive = task_answer(ctx.data) if withheld else None
     # what `correct` means: the task's check on the record's labels, or on the prompt alone (labels withheld)
-    metric = DerivedAnswerMatch(derive) if derive else auto_metric(ctx.cfg.data, with_references(prompts, style))
+    metric = DerivedAnswerMatch(derive) if derive else auto_metric(ctx.data, with_references(prompts, style))
     rollout_settings = RolloutSettings(
         style=style,
         n_samples=int(settings.n_samples),
@@ -86,7 +86,7 @@ def run_rollout(ctx: StageContext) -> StageResult:
         tokenizer,
         prompts,
         rollout_settings,
-        system_prompt=system_prompt_for(ctx.cfg.data, style),
+        system_prompt=system_prompt_for(ctx.data, style),
         info=info,
         metric=metric,
     )

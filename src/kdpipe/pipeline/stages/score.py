@@ -37,8 +37,8 @@ def run_score(ctx: StageContext) -> StageResult:
         if source is not None:  # a rollout stage's responses: on-policy KD, or sequence-level KD data
             raw, split = load_rollouts(ctx.rollout_set(source)), "rollouts"
         else:
-            raw, split = load_examples(ctx.cfg.data, str(settings.split)), str(settings.split)
-        examples, _ = encode_examples(tokenizer, ctx.cfg.data, raw, [style])
+            raw, split = load_examples(ctx.data, str(settings.split)), str(settings.split)
+        examples, _ = encode_examples(tokenizer, ctx.data, raw, [style])
         if not examples:
             raise PipelineConfigError(f"stage {ctx.spec.name!r}: nothing to score for style {style!r} ({sequences})")
         started, reused = time.perf_counter(), []
