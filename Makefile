@@ -48,7 +48,7 @@ real-demo: install  ## the pipeline on SmolLM2-135M-Instruct and the bundled cha
 	$(PY) -m kdpipe.models.check_export $(REAL_DEMO_DIR)
 
 test: install  ## the test suite (excludes @pytest.mark.slow)
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -m "not slow" --durations=25 $(ARGS)
 
 test-all: install  ## every test, slow ones included
 	$(PY) -m pytest $(ARGS)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import run_cli
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_ablation_multirun_then_aggregate_end_to_end(tiny_cfg, tmp_path):
     """The real entry points: a 2 x 2 version of the ablation on the tiny pipeline, then the summary."""
     args = tiny_cfg.args(

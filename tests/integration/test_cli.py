@@ -55,6 +55,7 @@ def test_eval_cli_missing_model_dir(tmp_path):
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_score_cli_scores_a_teacher_export_and_the_old_name_reuses_the_store(trained_run, tmp_path):
     teacher = trained_run / "01_teacher_sft" / "export"
     args = [f"teacher_path={teacher}", "data.n_train_per_level=5", "k=8", "styles=[fast]"]

@@ -129,6 +129,7 @@ def _two_rank_helpers(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_rank_helpers_in_a_two_process_group(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,6 +143,7 @@ def test_rank_helpers_in_a_two_process_group(tmp_path):
     assert one["error"] == "RankZeroError: rank 0 failed: ValueError: export failed"
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_two_processes_score_the_same_store_as_one(tiny_cfg, tmp_path):
     """The real launch path at its cheapest: 2 ranks score 4 shards each of 2 styles (2 per rank), one
     manifest over them; the files equal those one in-process run writes."""

@@ -239,6 +239,7 @@ def test_wandb_offline_run_holds_config_and_summary_and_prints_one_line(tiny_cfg
     assert summary["eval/generations"]["_type"] == "table-file" and summary["eval/generations"]["nrows"] == 20
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_a_stage_can_order_its_data_by_teacher_nll_from_the_store(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
         "pipeline.order=[teacher_sft,score,sft_reasoning,sft_fast]",
@@ -253,6 +254,7 @@ def test_a_stage_can_order_its_data_by_teacher_nll_from_the_store(tiny_cfg, tmp_
     assert fast["curriculum"]["scorer"] == {"name": "level"}  # the other stages keep the default
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_student_loss_curriculum_scores_with_the_stage_start_model_and_resumes_exactly(tiny_cfg, tmp_path):
     overrides = [
         "pipeline.order=[sft_fast,sft_reasoning]",
@@ -282,6 +284,7 @@ def test_teacher_scorer_without_a_store_is_refused(tiny_cfg):
         )
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_a_kd_stage_reads_its_store_at_a_smaller_k_and_another_temperature(tiny_cfg, tmp_path):
     """teacher_k / teacher_temperature: the same capture read post hoc, no second score stage."""
     score_k = int(tiny_cfg().pipeline.stages.score.k)

@@ -78,6 +78,7 @@ def test_a_kd_store_path_that_is_not_a_store_is_refused(tiny_cfg, tmp_path):
     assert f"pipeline.stages.kd_fast.store={tmp_path}" in message and "not a finished teacher store" in message
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_a_store_with_a_truncated_manifest_is_set_aside_and_rescored(tiny_cfg, tmp_path):
     order = "pipeline.order=[teacher_sft,score]"
     first = train(tiny_cfg(order, run_dir=tmp_path / "first"))
@@ -90,6 +91,7 @@ def test_a_store_with_a_truncated_manifest_is_set_aside_and_rescored(tiny_cfg, t
     assert "BROKEN.txt" in {p.name for p in aside.iterdir()}
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_a_flipped_byte_in_a_finished_store_is_refused_when_resuming(tiny_cfg, tmp_path):
     order = "pipeline.order=[teacher_sft,score,kd_fast]"
     crash = crash_override("03_kd_fast", 2, tmp_path / "crashed.marker")

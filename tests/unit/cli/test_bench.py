@@ -25,6 +25,7 @@ def test_store_bench_writes_its_figures(tmp_path):
     assert {r["read_as"] for r in written["posthoc"]} == {"k'=16", "k'=32", "T'=0.5", "T'=0.75", "T'=1.5", "T'=2.0"}
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_loss_bench_measures_each_case_in_its_own_process(tmp_path):
     args = ["loss", "--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--divergences", "jsd", "--no-chunked-floor"]
     main([*args, "--json", str(tmp_path / "loss.json")])  # each process costs an import: keep the cases few

@@ -168,6 +168,7 @@ write_store(sys.argv[1], tok, encoded(tok))
 """
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_killed_writer_resumes_to_an_identical_store(tmp_path):
     script = tmp_path / "score.py"
     script.write_text(KILL_SCRIPT.format(root=str(REPO)))
