@@ -1,6 +1,9 @@
-"""Sampling a rollout set (:mod:`kdpipe.data.rollouts`: the format) with the model's own ``generate``.
+"""Sampling a rollout set (:mod:`kdpipe.data.rollouts`: the format) with the model's own ``generate`` or with
+vLLM (a :class:`~kdpipe.engines.vllm_engine.VllmEngine` as the model).
 
-Sampling is seeded per part, so a resumed rollout reproduces the parts an uninterrupted one would write.
+Sampling is seeded per part (vLLM: per request), so a resumed rollout samples the parts an uninterrupted one
+would write: exactly on the Hugging Face path; on vLLM up to its batch-shape non-determinism, which is why a
+resumed set keeps its complete parts as they are and the manifest lists them (``resumed_parts``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from kdpipe.data.rollouts import (
     read_part,
     rollout_id,
 )
+from kdpipe.engines.vllm_engine import VllmEngine, sample_part_vllm
 from kdpipe.eval.generate import generate_responses
 from kdpipe.eval.metrics import AnswerMatch, Metric
 from kdpipe.utils.io import atomic_write_json, atomic_write_text, read_json
@@ -38,20 +42,25 @@ def sample_part(
     """The records of one part: ``n_samples`` responses to each prompt, sampled with the part's seed;
     ``correct`` as ``metric`` scores them (default: the built-in task's ``Answer: N``; None: no reference)."""
     metric = metric or AnswerMatch("answer_colon")
-    conversations = [prompt_messages(ex, system_prompt) for ex in prompts for _ in range(settings.n_samples)]
-    torch.manual_seed(settings.seed * 1_000_003 + part_index)  # per part: a resumed part samples the same
-    greedy = settings.temperature == 0
-    generations = generate_responses(
-        model,
-        tokenizer,
-        conversations,
-        batch_size=settings.batch_size,
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=not greedy,
-        temperature=settings.temperature if not greedy else 1.0,
-        top_p=settings.top_p,
-        description=f"rollout part {part_index}",
-    )
+    if isinstance(model, VllmEngine):  # one request per prompt with n samples, each request seeded
+        conversations = [prompt_messages(ex, system_prompt) for ex in prompts]
+        per_prompt = sample_part_vllm(model.llm, tokenizer, conversations, settings, part_index)
+        generations = [g for samples in per_prompt for g in samples]  # prompt-major, as below
+    else:
+        conversations = [prompt_messages(ex, system_prompt) for ex in prompts for _ in range(settings.n_samples)]
+        torch.manual_seed(settings.seed * 1_000_003 + part_index)  # per part: a resumed part samples the same
+        greedy = settings.temperature == 0
+        generations = generate_responses(
+            model,
+            tokenizer,
+            conversations,
+            batch_size=settings.batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=not greedy,
+            temperature=settings.temperature if not greedy else 1.0,
+            top_p=settings.top_p,
+            description=f"rollout part {part_index}",
+        )
     records = []
     for i, generation in enumerate(generations):
         prompt, sample = prompts[i // settings.n_samples], i % settings.n_samples
@@ -93,6 +102,7 @@ def write_rollouts(
     if (root / MANIFEST).exists():
         return read_json(root / MANIFEST)
     num_parts = -(-len(prompts) // settings.part_size)
+    kept = [index for index in range(num_parts) if part_path(root, index).exists()]  # from an interrupted run
     for index in range(num_parts):
         path = part_path(root, index)
         if path.exists():
@@ -110,6 +120,8 @@ def write_rollouts(
         "truncated": sum(not r["finished"] for r in records),
         "incorrect": sum(r["correct"] is False for r in records),
         "kept": len(apply_filters(records, settings.drop_truncated, settings.only_correct)),
+        # a resumed set: the parts an earlier, interrupted run wrote (kept as they are; the rest sampled now)
+        "resumed_parts": kept,
         **(info or {}),
     }
     atomic_write_json(root / MANIFEST, manifest)

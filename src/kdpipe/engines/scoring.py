@@ -29,21 +29,35 @@ from kdpipe.store.reader import StoreError, TeacherStore
 from kdpipe.store.writer import MANIFEST, StoreWriter
 from kdpipe.types import EncodedExample
 from kdpipe.utils.claim import claimed
-from kdpipe.utils.dist import rank_zero_console, run_on_rank_zero
+from kdpipe.utils.dist import barrier, global_rank, rank_zero_console, run_on_rank_zero, world_size
 
 console = rank_zero_console()
 CPU_TRAINER = {"_target_": "lightning.Trainer", "accelerator": "auto", "devices": 1, "enable_model_summary": False}
 
 
-def store_meta(model, tokenizer, examples: list[EncodedExample], style: str, split: str, k: int, temperature: float):
-    """What determines a store's content (recorded in its manifest and hashed into its name)."""
-    return {
-        "teacher": model_fingerprint(model),
+def store_meta(
+    teacher: dict,
+    tokenizer,
+    examples: list[EncodedExample],
+    style: str,
+    split: str,
+    k: int,
+    temperature: float,
+    engine: dict | None = None,
+):
+    """What determines a store's content (recorded in its manifest and hashed into its name). ``teacher``: its
+    fingerprint (:func:`~kdpipe.models.fingerprint.model_fingerprint`); ``engine``: the inference engine when
+    it is not the Hugging Face path (absent for HF stores, whose names therefore stay what they were)."""
+    meta = {
+        "teacher": teacher,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": {**data_fingerprint(examples), "split": split, "style": style},
         "k": k,
         "temperature": temperature,
     }
+    if engine is not None:
+        meta["engine"] = engine
+    return meta
 
 
 def store_path(store_root: str | Path, meta: dict) -> Path:
@@ -104,11 +118,40 @@ def score_teacher(
         verify: how an existing store is checked before it is reused (``full``: every shard's sha256; ``size``:
             its files); a broken one is set aside (:func:`reusable`) and scored again.
     """
+    _check_request(tokenizer, examples, style, split, k)
+    meta = store_meta(model_fingerprint(model), tokenizer, examples, style, split, k, temperature)
+
+    def score(path: Path, make_writer: Callable[[int, int], StoreWriter]) -> None:
+        trainer_cfg = OmegaConf.create(trainer if trainer is not None else CPU_TRAINER)
+        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        data = ScoreDataModule(examples, make_writer, batch_size, pad_id)
+        predictor = instantiate_trainer(
+            trainer_cfg,
+            callbacks=[StoreWriterCallback(data)],
+            logger=False,
+            default_root_dir=str(path.parent),
+            use_distributed_sampler=False,  # each rank scores its own shards
+            **({"precision": precision} if precision else {}),
+        )
+        data.equal_batches = shards_weights(predictor.strategy)  # FSDP: every forward is a collective
+        console.print(f"scoring {len(examples)} examples into {path} (complete shards are kept)")
+        scorer = TeacherScorer(model, k, temperature, chunk_size)
+        predictor.predict(scorer, datamodule=data, return_predictions=False)
+        predictor.strategy.barrier()  # every rank's shards are on disk
+
+    return _into_store(tokenizer, examples, meta, store_root, shard_size, score, on_reuse, verify)
+
+
+def _check_request(tokenizer, examples: list[EncodedExample], style: str, split: str, k: int) -> None:
     if not 1 <= k <= len(tokenizer):
         raise PipelineConfigError(f"k={k} must be in [1, vocab size {len(tokenizer)}]")
     if not examples:
         raise PipelineConfigError(f"nothing to score for style {style!r} ({split})")
-    meta = store_meta(model, tokenizer, examples, style, split, k, temperature)
+
+
+def _into_store(tokenizer, examples, meta, store_root, shard_size, score, on_reuse, verify) -> Path:
+    """The store ``meta`` names: reused when complete and intact, else ``score(path, make_writer)`` writes
+    the missing shards (every rank its own) and rank 0 writes the manifest."""
     path = store_path(store_root, meta)
     # rank 0 decides for all; a concurrent job scoring the same store holds its lock: wait, then reuse it
     with claimed(path, lambda: reusable(path, verify)) as found:
@@ -117,27 +160,53 @@ def score_teacher(
             if on_reuse is not None:
                 on_reuse()
         else:
-            trainer_cfg = OmegaConf.create(trainer if trainer is not None else CPU_TRAINER)
-            spec = codec.make_spec(len(tokenizer), k)
+            spec = codec.make_spec(len(tokenizer), int(meta["k"]))
 
             def make_writer(rank: int, world_size: int) -> StoreWriter:
                 return StoreWriter(path, examples, meta, spec, shard_size, rank, world_size)
 
-            pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-            data = ScoreDataModule(examples, make_writer, batch_size, pad_id)
-            predictor = instantiate_trainer(
-                trainer_cfg,
-                callbacks=[StoreWriterCallback(data)],
-                logger=False,
-                default_root_dir=str(path.parent),
-                use_distributed_sampler=False,  # each rank scores its own shards
-                **({"precision": precision} if precision else {}),
-            )
-            data.equal_batches = shards_weights(predictor.strategy)  # FSDP: every forward is a collective
-            console.print(f"scoring {len(examples)} examples into {path} (complete shards are kept)")
-            scorer = TeacherScorer(model, k, temperature, chunk_size)
-            predictor.predict(scorer, datamodule=data, return_predictions=False)
-            predictor.strategy.barrier()  # every rank's shards are on disk
+            score(path, make_writer)
             run_on_rank_zero(lambda: make_writer(0, 1).finalize())  # one manifest over them; the others wait
     TeacherStore(path).check_compatible(tokenizer, examples)
     return path
+
+
+def score_teacher_vllm(
+    engine,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[EncodedExample],
+    *,
+    style: str,
+    split: str,
+    store_root: str | Path,
+    k: int = 16,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    shard_size: int = 2048,
+    on_reuse: Callable[[], None] | None = None,
+    verify: str = "full",
+) -> Path:
+    """:func:`score_teacher` with vLLM: ``engine`` (a :class:`~kdpipe.engines.vllm_engine.VllmEngine`, its
+    checkpoint folder and settings) over ``examples`` into the same kind of store. Only ``temperature`` 1
+    (vLLM's prompt log-probs are the model's own); a store at k reads at any smaller k and, approximately,
+    another temperature."""
+    from kdpipe.engines import vllm_engine  # vLLM itself is imported there, lazily
+
+    _check_request(tokenizer, examples, style, split, k)
+    if temperature != 1.0:
+        raise PipelineConfigError(
+            f"engine: vllm scores at temperature 1 only (vLLM applies no temperature to prompt log-probs), "
+            f"not {temperature}: score at 1 and read the store with teacher_temperature={temperature}"
+        )
+    # vLLM's batched kernels are not bit-reproducible across batch shapes: the manifest says so
+    identity = {**engine.identity(), "deterministic": False}
+    teacher = vllm_engine.checkpoint_fingerprint(engine.model_dir)
+    meta = store_meta(teacher, tokenizer, examples, style, split, k, temperature, identity)
+
+    def score(path: Path, make_writer: Callable[[int, int], StoreWriter]) -> None:
+        writer = make_writer(global_rank(), world_size())
+        console.print(f"scoring {len(examples)} examples with vLLM into {path} (complete shards are kept)")
+        vllm_engine.score_pending(engine.llm, writer, examples, k, batch_size)
+        barrier()
+
+    return _into_store(tokenizer, examples, meta, store_root, shard_size, score, on_reuse, verify)

@@ -20,6 +20,7 @@ from kdpipe.data.rollouts import task_answer
 from kdpipe.data.sources import load_split
 from kdpipe.errors import PipelineConfigError
 from kdpipe.models.factory import build_tokenizer
+from kdpipe.pipeline.preflight_engines import check_engines
 from kdpipe.pipeline.preflight_stores import check_finished, check_stores, label_slot
 from kdpipe.pipeline.result import Slot
 from kdpipe.pipeline.spec import StageSpec, rollout_stage, score_slots, stage_data, stage_styles
@@ -323,6 +324,7 @@ def preflight(cfg: DictConfig, specs: Sequence[StageSpec], run_dir: Path, finish
     problems.extend(check_teacher_k(specs))
     problems.extend(check_data(cfg, specs))
     problems.extend(check_rollouts(cfg, specs))
+    problems.extend(check_engines(cfg, specs))
     done_stores = finished.stores if finished is not None else {}
     done_rollouts = finished.rollouts if finished is not None else {}
     problems.extend(check_stores(specs, done_stores, verify))

@@ -11,13 +11,14 @@ from kdpipe.data.encode import system_prompt_for
 from kdpipe.data.rollouts import RolloutSettings, task_answer, withhold_labels
 from kdpipe.data.sources import load_examples, outside_subset_by_id
 from kdpipe.engines.rollouts import write_rollouts
+from kdpipe.engines.vllm_engine import VllmEngine, VllmSettings, checkpoint_fingerprint
 from kdpipe.eval import with_references
 from kdpipe.eval.metrics import AnswerMatch, auto_metric
 from kdpipe.lightning.trainer import inference_device
 from kdpipe.models.fingerprint import model_fingerprint
 from kdpipe.pipeline.result import StageResult
 from kdpipe.pipeline.stages.context import StageContext
-from kdpipe.pipeline.stages.weights import load_model_and_tokenizer
+from kdpipe.pipeline.stages.weights import inference_checkpoint, load_model_and_tokenizer
 from kdpipe.utils.dist import rank_zero_console
 
 console = rank_zero_console()
@@ -50,8 +51,15 @@ def rollout_prompts(ctx: StageContext) -> list[dict]:
 def run_rollout(ctx: StageContext) -> StageResult:
     settings = ctx.settings
     style = str(settings.style)
-    model, tokenizer = load_model_and_tokenizer(ctx)
-    model.to(inference_device(ctx.cfg.trainer))
+    engine = str(settings.get("engine") or "hf")
+    if engine == "vllm":  # vLLM loads the checkpoint folder itself
+        model_dir, tokenizer = inference_checkpoint(ctx)
+        model = VllmEngine(model_dir, VllmSettings.from_config(settings.get("vllm")), 1)
+        fingerprint = checkpoint_fingerprint(model_dir)
+    else:
+        model, tokenizer = load_model_and_tokenizer(ctx)
+        model.to(inference_device(ctx.cfg.trainer))
+        fingerprint = model_fingerprint(model)
     prompts = rollout_prompts(ctx)
     withheld = bool(settings.get("withhold_labels"))
     derive = task_answer(ctx.data) if withheld else None
@@ -73,7 +81,8 @@ def run_rollout(ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     console.print(f"sampling {rollout_settings.n_samples} x {len(prompts)} responses into {root}")
     info = {
-        "model": model_fingerprint(model),
+        "model": fingerprint,
+        "engine": {"name": "hf"} if engine == "hf" else {**model.identity(), "deterministic": False},
         "model_name": ctx.spec.model,
         "stage": ctx.spec.name,
         "split": str(settings.split),

@@ -9,13 +9,14 @@ import time
 from kdpipe.data.datamodule import encode_examples
 from kdpipe.data.rollouts import load_rollouts
 from kdpipe.data.sources import load_examples
-from kdpipe.engines import score_teacher
+from kdpipe.engines import score_teacher, score_teacher_vllm
+from kdpipe.engines.vllm_engine import VllmEngine, VllmSettings
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.strategy import wrapped_in_place
 from kdpipe.pipeline.result import SEQUENCES, StageResult, StoreRef
 from kdpipe.pipeline.spec import score_slots
 from kdpipe.pipeline.stages.context import StageContext
-from kdpipe.pipeline.stages.weights import load_model_and_tokenizer
+from kdpipe.pipeline.stages.weights import inference_checkpoint, load_model_and_tokenizer
 from kdpipe.store.reader import TeacherStore
 from kdpipe.utils.dist import rank_zero_console
 
@@ -24,10 +25,15 @@ console = rank_zero_console()
 
 def run_score(ctx: StageContext) -> StageResult:
     settings = ctx.settings
-    model, tokenizer = load_model_and_tokenizer(ctx)
-    if ctx.start_from is None and ctx.model_cfg.source == "config":
-        console.print(f"[yellow]warning: scoring an untrained {ctx.spec.model!r} (no earlier stage trained it)")
     k, temperature, sequences = int(settings.k), float(settings.temperature), str(settings.sequences)
+    engine = str(settings.get("engine") or "hf")
+    if engine == "vllm":  # vLLM loads the checkpoint folder itself: no Hugging Face copy of the weights here
+        model_dir, tokenizer = inference_checkpoint(ctx)
+        model = VllmEngine(model_dir, VllmSettings.from_config(settings.get("vllm")), k)
+    else:
+        model, tokenizer = load_model_and_tokenizer(ctx)
+        if ctx.start_from is None and ctx.model_cfg.source == "config":
+            console.print(f"[yellow]warning: scoring an untrained {ctx.spec.model!r} (no earlier stage trained it)")
     if sequences not in SEQUENCES:
         raise PipelineConfigError(f"pipeline.stages.{ctx.spec.name}.sequences={sequences!r}: labels | rollouts")
     if not 1 <= k <= len(tokenizer):
@@ -42,24 +48,30 @@ def run_score(ctx: StageContext) -> StageResult:
         if not examples:
             raise PipelineConfigError(f"stage {ctx.spec.name!r}: nothing to score for style {style!r} ({sequences})")
         started, reused = time.perf_counter(), []
-        path = score_teacher(
-            model,
-            tokenizer,
-            examples,
-            style=style,
-            split=split,
-            store_root=str(settings.store_root),
-            k=k,
-            temperature=temperature,
-            batch_size=int(settings.batch_size),
-            shard_size=int(settings.shard_size),
-            chunk_size=int(settings.chunk_size),
-            precision=settings.get("precision"),
-            trainer=ctx.cfg.trainer,
-            on_reuse=lambda reused=reused: reused.append(True),
-            verify=str(ctx.cfg.get("store_verify") or "full"),
-        )
-        if wrapped_in_place(model):  # FSDP wrapped its layers for this predict: the next style starts afresh
+        common = {
+            "style": style,
+            "split": split,
+            "store_root": str(settings.store_root),
+            "k": k,
+            "temperature": temperature,
+            "batch_size": int(settings.batch_size),
+            "shard_size": int(settings.shard_size),
+            "on_reuse": lambda reused=reused: reused.append(True),
+            "verify": str(ctx.cfg.get("store_verify") or "full"),
+        }
+        if engine == "vllm":
+            path = score_teacher_vllm(model, tokenizer, examples, **common)
+        else:
+            path = score_teacher(
+                model,
+                tokenizer,
+                examples,
+                chunk_size=int(settings.chunk_size),
+                precision=settings.get("precision"),
+                trainer=ctx.cfg.trainer,
+                **common,
+            )
+        if engine == "hf" and wrapped_in_place(model):  # FSDP wrapped its layers: the next style starts afresh
             model, _ = load_model_and_tokenizer(ctx)
         store = TeacherStore(path)
         nbytes, rows = store.nbytes, store.num_rows
@@ -73,6 +85,7 @@ def run_score(ctx: StageContext) -> StageResult:
             "bytes": nbytes,
             "bytes_per_token": nbytes / max(rows, 1),
             "bytes_per_entry": nbytes / max(rows * k, 1),
+            "engine": engine,
             "seconds": time.perf_counter() - started,
         }
     return result

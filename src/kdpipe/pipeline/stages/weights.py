@@ -7,8 +7,16 @@ from pathlib import Path
 
 import lightning as L
 
+from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.strategy import shards_weights
-from kdpipe.models.factory import build_model, build_tokenizer, load_model, load_options, load_tokenizer
+from kdpipe.models.factory import (
+    build_model,
+    build_tokenizer,
+    load_model,
+    load_options,
+    load_tokenizer,
+    pretrained_dir,
+)
 from kdpipe.models.lora import maybe_apply_lora, merged
 from kdpipe.pipeline.stages.context import StageContext
 from kdpipe.utils.dist import is_rank_zero
@@ -31,6 +39,25 @@ def load_model_and_tokenizer(ctx: StageContext):
     L.seed_everything(ctx.seed, verbose=False)
     tokenizer = build_tokenizer(ctx.model_cfg, converted_root(ctx))
     return build_model(ctx.model_cfg, tokenizer, converted_root(ctx)), tokenizer
+
+
+def inference_checkpoint(ctx: StageContext):
+    """The stage's model as a checkpoint folder and its tokenizer, for an engine that loads the folder itself
+    (``engine: vllm``): the previous export of the same model, else its pretrained (or converted GGUF) path."""
+    options = load_options(ctx.model_cfg)
+    if ctx.start_from is not None:
+        return Path(ctx.start_from), load_tokenizer(ctx.start_from, options["trust_remote_code"])
+    if ctx.model_cfg.get("source") != "pretrained":
+        raise PipelineConfigError(
+            f"stage {ctx.spec.name!r}: engine: vllm loads a checkpoint, but model {ctx.spec.model!r} is built "
+            "from its config (source: config) and no earlier stage trained it: train it first, or use engine: hf"
+        )
+    directory = Path(pretrained_dir(ctx.model_cfg, converted_root(ctx)))
+    if not directory.is_dir():  # a hub id: its snapshot in the Hugging Face cache (downloaded once)
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(str(directory)))
+    return directory, build_tokenizer(ctx.model_cfg, converted_root(ctx))
 
 
 def load_trainable(ctx: StageContext):
