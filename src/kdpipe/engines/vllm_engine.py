@@ -228,6 +228,12 @@ def score_pending(llm, writer, examples: list[EncodedExample], k: int, batch_siz
                 writer.add(index, **rows)
 
 
+def request_seed(seed: int, part_index: int, request: int) -> int:
+    """A 31-bit seed per request (vLLM takes a C long), from the stage's seed, the part and the request."""
+    digest = hashlib.sha256(f"{seed}:{part_index}:{request}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
 def sample_part_vllm(llm, tokenizer, conversations: list[list[dict]], settings, part_index: int):
     """``n_samples`` generations per conversation (one request each, its own seed) as
     :class:`~kdpipe.eval.generate.Generation` lists per conversation."""
@@ -248,7 +254,7 @@ def sample_part_vllm(llm, tokenizer, conversations: list[list[dict]], settings, 
                 temperature=settings.temperature,
                 top_p=settings.top_p if settings.temperature > 0 else 1.0,
                 max_tokens=settings.max_new_tokens,
-                seed=(settings.seed * 1_000_003 + part_index) * 100_003 + i,  # per request: resumable parts
+                seed=request_seed(settings.seed, part_index, i),  # per request: a resumed part samples the same
                 stop_token_ids=[eos] if eos is not None else None,
                 detokenize=False,
             )

