@@ -4,7 +4,8 @@ Each model scores the same examples (the built-in task's train split, reasoning 
 model's own chat template) into a fresh store with ``engine: hf`` (Lightning ``Trainer.predict``, fp32) and
 ``engine: vllm`` (prompt log-probs, fp32 unless ``--vllm-dtype``); a warm-up on the first batch comes first and is
 not timed. Reported: engine start (model load) and scoring seconds, sequence tokens and label tokens per second
-of scoring, and the agreement of the two stores (top-1 ids, max |log-prob difference| on shared ids). An engine
+of scoring, and how the two engines' rows agree before the store's codec (top-1 ids, top-k overlap, max
+|log-prob difference| on shared ids, label log-probs) on the first 64 examples. An engine
 that cannot run here is a row that says why.
 """
 
@@ -18,6 +19,7 @@ import torch
 from kdpipe.benchmarks.step_real import chat_arith_records, encode_records, load_real_model
 
 MODELS = ("arith-teacher", "smollm2-135m")
+AGREEMENT_EXAMPLES = 64  # the engines' rows compared on this many examples (one HF forward each)
 ENGINES = ("hf", "vllm")
 
 
@@ -36,22 +38,12 @@ def _examples(tokenizer, n: int):
     return encode_records(tokenizer, chat_arith_records(n), max_length=256)
 
 
-def _agreement(a, b, examples) -> dict:
-    from kdpipe.store.reader import TeacherStore
+def _agreement(model, engine, examples, k: int) -> dict:
+    """The two engines' rows of the first examples, before the store's codec."""
+    from kdpipe.engines.scoring import row_agreement, score_rows
+    from kdpipe.engines.vllm_engine import score_rows as vllm_rows
 
-    first, second = TeacherStore(a), TeacherStore(b)
-    top1 = positions = 0
-    worst = 0.0
-    for example in examples:
-        x, y = first.get(example.id), second.get(example.id)
-        positions += x.topk_ids.shape[0]
-        top1 += int((x.topk_ids[:, 0] == y.topk_ids[:, 0]).sum())
-        for row in range(x.topk_ids.shape[0]):
-            ids_x, ids_y = x.topk_ids[row].tolist(), y.topk_ids[row].tolist()
-            for token in set(ids_x) & set(ids_y):
-                diff = float(x.topk_logprobs[row, ids_x.index(token)] - y.topk_logprobs[row, ids_y.index(token)])
-                worst = max(worst, abs(diff))
-    return {"top1_agreement": top1 / max(positions, 1), "max_abs_dlogprob": worst}
+    return row_agreement(score_rows(model, examples, k), vllm_rows(engine.llm, examples, k))
 
 
 def run(models=MODELS, engines=ENGINES, examples: int = 512, k: int = 16, batch_size: int = 64,
@@ -96,9 +88,10 @@ def run(models=MODELS, engines=ENGINES, examples: int = 512, k: int = 16, batch_
                 seconds = time.perf_counter() - started
                 stores[name, engine] = path
                 row.update(score_s=seconds, tokens_per_s=tokens / seconds, label_tokens_per_s=labels / seconds)
-                if engine == "vllm" and (name, "hf") in stores:
-                    hf_row = next(r for r in rows if r["model"] == name and r["engine"] == "hf")
-                    row.update(_agreement(stores[name, "hf"], path, data[name]))
-                    row["speedup_over_hf"] = hf_row["score_s"] / seconds
+                if engine == "vllm":
+                    row.update(_agreement(model, scorer, data[name][:AGREEMENT_EXAMPLES], k))
+                    hf_row = next((r for r in rows if r["model"] == name and r["engine"] == "hf"), None)
+                    if hf_row is not None and "score_s" in hf_row:
+                        row["speedup_over_hf"] = hf_row["score_s"] / seconds
                 rows.append(row)
     return {"score": rows, "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -169,6 +170,46 @@ def _into_store(tokenizer, examples, meta, store_root, shard_size, score, on_reu
             run_on_rank_zero(lambda: make_writer(0, 1).finalize())  # one manifest over them; the others wait
     TeacherStore(path).check_compatible(tokenizer, examples)
     return path
+
+
+@torch.no_grad()
+def score_rows(model: PreTrainedModel, examples: list[EncodedExample], k: int) -> list[dict[str, torch.Tensor]]:
+    """The store rows of ``examples`` as the Hugging Face path scores them (fp32 log-softmax at each label
+    position), before any codec: one forward per example (for comparisons, not for speed)."""
+    from kdpipe.modules.scorer import topk_signal
+    from kdpipe.types import IGNORE_INDEX
+
+    rows = []
+    for example in examples:
+        logits = model(torch.tensor([example.input_ids], device=model.device)).logits[0].float()
+        labels = torch.tensor(example.labels, device=logits.device)
+        mask = labels != IGNORE_INDEX
+        ids, lps, tail, label_lp = topk_signal(logits[mask], labels[mask], k)
+        rows.append({"topk_ids": ids.cpu(), "topk_logprobs": lps.cpu(), "tail_logprob": tail.cpu(),
+                     "label_logprob": label_lp.cpu()})  # fmt: skip
+    return rows
+
+
+def row_agreement(first: list[dict], second: list[dict]) -> dict:
+    """How far two engines' rows of the same examples agree: the share of label positions with the same top-1
+    id, the mean share of top-k ids in common, the largest |log-prob difference| over the ids both have, and
+    the largest label log-prob difference."""
+    positions = top1 = 0
+    overlap, worst, worst_label = 0.0, 0.0, 0.0
+    for a, b in zip(first, second):
+        positions += a["topk_ids"].shape[0]
+        top1 += int((a["topk_ids"][:, 0] == b["topk_ids"][:, 0]).sum())
+        worst_label = max(worst_label, float((a["label_logprob"] - b["label_logprob"]).abs().max()))
+        for row in range(a["topk_ids"].shape[0]):
+            ids_a, ids_b = a["topk_ids"][row].tolist(), b["topk_ids"][row].tolist()
+            shared = set(ids_a) & set(ids_b)
+            overlap += len(shared) / len(ids_a)
+            for token in shared:
+                diff = a["topk_logprobs"][row, ids_a.index(token)] - b["topk_logprobs"][row, ids_b.index(token)]
+                worst = max(worst, abs(float(diff)))
+    return {"positions": positions, "top1_agreement": top1 / max(positions, 1),
+            "topk_overlap": overlap / max(positions, 1), "max_abs_dlogprob": worst,
+            "max_abs_dlabel_logprob": worst_label}  # fmt: skip
 
 
 def score_teacher_vllm(

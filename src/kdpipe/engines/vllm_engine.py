@@ -211,6 +211,17 @@ def rows_from_prompt_logprobs(example: EncodedExample, prompt_logprobs: list, k:
     }
 
 
+def score_rows(llm, examples: list[EncodedExample], k: int) -> list[dict[str, torch.Tensor]]:
+    """The store rows of ``examples`` as vLLM scores them, before any codec (for comparisons)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=list(e.input_ids)) for e in examples]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [rows_from_prompt_logprobs(e, o.prompt_logprobs, k) for e, o in zip(examples, outputs)]
+
+
 def score_pending(llm, writer, examples: list[EncodedExample], k: int, batch_size: int) -> None:
     """Score every example the writer still needs (its rank's incomplete shards), shard by shard, so a shard
     is written as soon as its examples are scored and a killed run keeps it."""
