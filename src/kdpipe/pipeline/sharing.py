@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from kdpipe.data.scorers import needs_store
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.precision import identity_precision
 from kdpipe.pipeline.result import StageResult, slot_key
@@ -48,10 +49,17 @@ def shared_identity(ctx) -> dict:
         },
         "seed": ctx.seed,
         "starts_from": sha256_tree(ctx.start_from) if ctx.start_from is not None else None,
-        # store names embed their hashes; label stores keyed as kdpipe 0.1 did (``fast``), so identities hold;
-        # stores of rollouts by the rollout stage too (``fast:rollouts:rollout_fast``)
-        "stores": dict(sorted((slot_key(slot), p.name) for slot, p in ctx.stores.items())),
+        # the stores it reads (a kd stage's, or a curriculum scorer's): store names embed their hashes; label
+        # stores keyed as kdpipe 0.1 did (``fast``), stores of rollouts by the rollout stage too
+        # (``fast:rollouts:rollout_fast``). A stage that reads none has none here, so an SFT stage is shared
+        # between orders that do and do not score a store before it
+        "stores": dict(sorted((slot_key(slot), p.name) for slot, p in ctx.stores.items())) if reads_stores(ctx) else {},
     }
+
+
+def reads_stores(ctx) -> bool:
+    """Whether the stage reads a teacher store: a kd stage, or a stage whose curriculum scorer does."""
+    return ctx.spec.kind == "kd" or needs_store(ctx.settings.get("curriculum") or {})
 
 
 def shared_dir(ctx) -> Path:

@@ -80,3 +80,15 @@ def test_a_job_waits_for_another_job_training_the_same_shared_stage(tiny_cfg, tm
     found, lock = claim_shared(shared_dir(other), lambda: find_shared(other), poll_seconds=0.02)
     assert found is None and lock is not None
     lock.release()
+
+
+def test_a_stage_reading_no_store_is_shared_whether_or_not_a_store_was_scored_before_it(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("pipeline.order=[score,sft_fast,kd_fast]")
+    specs = {s.name: s for s in resolve_stages(cfg, set(STAGE_KINDS))}
+    stores = {("fast", "labels", None): tmp_path / "fast-train-k8-0123456789ab"}
+
+    def context(name, available):
+        return StageContext(cfg, specs[name], tmp_path / "run", tmp_path / "run" / name, None, available)
+
+    assert shared_dir(context("sft_fast", stores)) == shared_dir(context("sft_fast", {}))  # SFT reads no store
+    assert shared_dir(context("kd_fast", stores)) != shared_dir(context("kd_fast", {}))  # KD reads it
