@@ -42,6 +42,7 @@ def test_eval_cli_evaluates_a_stage_export(trained_run, tmp_path):
     assert out.with_suffix(".jsonl").exists()
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_train_cli_bad_input_exits_with_a_clear_message(tiny_cfg, tmp_path):
     proc = run_cli("kdpipe-train", *tiny_cfg.args("pipeline.order=[nope]"), cwd=tmp_path, check=False)
     assert proc.returncode == 2
@@ -50,6 +51,7 @@ def test_train_cli_bad_input_exits_with_a_clear_message(tiny_cfg, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_eval_cli_missing_model_dir(tmp_path):
     proc = run_cli("kdpipe-eval", f"model_path={tmp_path / 'none'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
@@ -79,6 +81,7 @@ def printed_jobs(stdout: str) -> list[tuple[str, dict]]:
     return [(overrides, yaml.safe_load(config)) for overrides, config in zip(parts[1::2], parts[2::2])]
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_a_sweep_with_cfg_job_prints_the_config_of_every_job(tmp_path):
     proc = run_cli("kdpipe-train", "-m", "pipeline.stages.kd_fast.loss.ce_weight=0,0.5", "--cfg", "job", cwd=tmp_path)
     jobs = printed_jobs(proc.stdout)
@@ -92,6 +95,7 @@ def test_a_sweep_with_cfg_job_prints_the_config_of_every_job(tmp_path):
     assert not (tmp_path / "logs").exists()  # printed, nothing run
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_the_optuna_search_config_composes_with_cfg_job(tmp_path):
     proc = run_cli("kdpipe-train", "hparams_search=kd_optuna", "--cfg", "job", cwd=tmp_path)
     cfg = yaml.safe_load(proc.stdout)

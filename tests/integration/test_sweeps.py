@@ -55,6 +55,7 @@ def stage_file(job: Path, payload: dict, name: str) -> dict:
 # --- a store another job is scoring ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_a_job_waits_for_another_job_scoring_the_same_store_then_reuses_it(tiny_cfg, tmp_path, one_thread):
     """The score stage takes the same lock on its store: while another job holds it, this job waits instead of
     scoring the store a second time, then reuses the store that job finished."""
@@ -112,6 +113,7 @@ def test_a_wandb_stage_leaves_no_wandb_state_to_the_next_job(tiny_cfg, tmp_path,
 # --- multiruns through kdpipe-train ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_multirun_over_stage_orders_shares_one_teacher_and_store_and_finishes_wandb(tiny_cfg, tmp_path):
     """Two stage orders (the presets sft_r_sft_f_kd_f and alternation, each after a teacher stage) in one
     basic-sweeper multirun with the (offline) wandb logger: the first job trains and scores the teacher, the
@@ -170,6 +172,7 @@ def test_multirun_over_stage_orders_shares_one_teacher_and_store_and_finishes_wa
     assert len(run_ids) == 10
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_optuna_sweep_runs_two_trials_in_memory(tiny_cfg, tmp_path):
     """Two trials of hparams_search=kd_optuna. Tiny models answer nothing right (accuracy 0 in every trial), so
     the test optimises the final evaluation loss instead: distinct per trial, it shows which trial won."""

@@ -39,6 +39,7 @@ def test_a_data_error_is_one_line_and_leaves_no_run_folder(tiny_cfg, tmp_path):
     assert run_folders(tmp_path) == []
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_an_unknown_key_is_refused_naming_the_closest_one(tiny_cfg, tmp_path):
     # Hydra alone runs `+sed=3` with the default seed (and answers `sed=3` with a paragraph: tests/unit/cli)
     proc = run_cli("kdpipe-train", *tiny_cfg.args("+sed=3"), cwd=tmp_path, check=False)
@@ -47,6 +48,7 @@ def test_an_unknown_key_is_refused_naming_the_closest_one(tiny_cfg, tmp_path):
     assert not (tmp_path / "logs").exists()  # refused before Hydra made a run folder
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_a_command_refused_after_hydra_made_its_folder_removes_it(tiny_cfg, tmp_path):
     proc = run_cli("kdpipe-train", *tiny_cfg.args(f"resume={tmp_path / 'missing'}"), cwd=tmp_path, check=False)
     refused(proc, "config", "does not exist")
@@ -105,6 +107,7 @@ def test_resuming_a_run_leaves_no_new_run_folder(skipping_run):
     assert run_folders(root) == [run]  # Hydra's folder for the resuming command is gone; the run is there
 
 
+@pytest.mark.slow  # make test-all (trimmed from make test to keep it under 15 min)
 def test_kdpipe_eval_writes_no_run_folder(tmp_path):
     examples = generate_split("test", 1, seed=0)
     replies = [{"id": e["id"], "response": e["responses"]["fast"]} for e in examples]
