@@ -79,15 +79,17 @@ def read_overrides(job_dir: Path) -> dict[str, str]:
 
 
 def load_jobs(sweep_dir: Path) -> tuple[list[Job], list[Path]]:
-    """Finished jobs under ``sweep_dir`` (folders with a ``results.json``), and the folders without one."""
+    """Finished jobs under ``sweep_dir`` (a ``results.json`` whose every stage is done), and the others (no
+    ``results.json`` yet, or stages still to run: a job in progress, or stopped, whose resume would finish it)."""
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir} is not a directory (expected a Hydra multirun folder)")
     jobs, unfinished = [], []
     for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_job_key):
         results = job_dir / "results.json"
-        if results.exists():
-            jobs.append(Job(job_dir, read_overrides(job_dir), read_json(results)))
-        elif (job_dir / ".hydra").exists() or (job_dir / "config.yaml").exists():
+        payload = read_json(results) if results.exists() else None
+        if payload is not None and all(s.get("status", "done") == "done" for s in payload.get("stages") or []):
+            jobs.append(Job(job_dir, read_overrides(job_dir), payload))
+        elif payload is not None or (job_dir / ".hydra").exists() or (job_dir / "config.yaml").exists():
             unfinished.append(job_dir)
     return jobs, unfinished
 
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(g["warning"] for g in summary["groups"]):
         console.print(f"[yellow]fewer than {MIN_SEEDS} seeds in a cell (see note): too few for a claim")
     if summary["unfinished"]:
-        console.print(f"[yellow]left out, no results.json: {', '.join(summary['unfinished'])}")
+        console.print(f"[yellow]left out, not finished: {', '.join(summary['unfinished'])}")
     console.print(f"summary: {out_dir / 'summary.md'}  plots: {'  '.join(str(p) for p in plots)}")
     return 0
 

@@ -30,6 +30,10 @@ def test_jobs_are_grouped_by_what_varies_and_summarised_over_seeds(tmp_path):
         overrides = [f"curriculum={curriculum}", f"seed={seed}", "experiment=curriculum_ablation"]
         fake_job(tmp_path, num, overrides, acc, {"1": acc + 0.05, "2": acc - 0.05})
     (tmp_path / "9" / ".hydra").mkdir(parents=True)  # a job that crashed: reported, not averaged
+    fake_job(tmp_path, 8, ["curriculum=sorted", "seed=3", "experiment=curriculum_ablation"], 0.99, {"1": 0.99})
+    in_progress = json.loads((tmp_path / "8" / "results.json").read_text())
+    in_progress["stages"].append({"name": "eval_student", "status": "running", "metrics": {}})
+    (tmp_path / "8" / "results.json").write_text(json.dumps(in_progress))  # a job still running: not averaged
     summary = aggregate(tmp_path)
     groups = {g["group"]: g for g in summary["groups"]}
     assert list(groups) == ["curriculum=random", "curriculum=sorted"]  # the constant experiment= is no group
@@ -38,7 +42,7 @@ def test_jobs_are_grouped_by_what_varies_and_summarised_over_seeds(tmp_path):
     assert groups["curriculum=random"]["accuracy"]["std"] == pytest.approx(statistics.stdev(random_acc))
     assert groups["curriculum=sorted"]["accuracy_by_level"]["2"]["mean"] == pytest.approx(0.2)
     assert groups["curriculum=sorted"]["accuracy"]["n"] == 2
-    assert summary["unfinished"] == ["9"]
+    assert summary["unfinished"] == ["8", "9"]
     table = (tmp_path / "summary.md").read_text()
     # 95% CI: 85.0 ± t(0.975, 2) * 5.0 / sqrt(3) = 85.0 ± 12.4; 3 seeds is under the protocol's 5
     assert (
