@@ -137,6 +137,15 @@ def _stat(values: list[float]) -> dict:
     return as_json(mean_ci(values))
 
 
+def _maybe_stat(values: list) -> dict | None:
+    """The statistics of a metric every job reports; None when some job's stage does not report it."""
+    return None if any(v is None for v in values) or not values else _stat([float(v) for v in values])
+
+
+def _mean(stat: dict | None, digits: int) -> str:
+    return "-" if stat is None else f"{stat['mean']:.{digits}f}"
+
+
 def summarize(groups: dict[str, list[Job]], stage: str | None = None) -> dict:
     """Mean, sample standard deviation and 95% Student-t interval of accuracy (overall and per level),
     response length and train time per group."""
@@ -154,8 +163,9 @@ def summarize(groups: dict[str, list[Job]], stage: str | None = None) -> dict:
                     lvl: _stat([float(m["accuracy_by_level"][lvl]) for m in metrics if lvl in m["accuracy_by_level"]])
                     for lvl in levels
                 },
-                "mean_response_tokens": _stat([float(m.get("mean_response_tokens", 0.0)) for m in metrics]),
-                "train_seconds": _stat([float(m.get("train_seconds", 0.0)) for m in metrics]),
+                # an evaluation stage trains nothing: no train time (None, shown "-"), never a 0
+                "mean_response_tokens": _maybe_stat([m.get("mean_response_tokens") for m in metrics]),
+                "train_seconds": _maybe_stat([m.get("train_seconds") for m in metrics]),
                 "warning": seed_warning(len(metrics)),
             }
         )
@@ -181,8 +191,8 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
             _pm(g["accuracy"]),
             _ci(g["accuracy"]),
             *[_pm(g["accuracy_by_level"][lvl]) if lvl in g["accuracy_by_level"] else "-" for lvl in levels],
-            f"{g['mean_response_tokens']['mean']:.1f}",
-            f"{g['train_seconds']['mean']:.0f}",
+            _mean(g["mean_response_tokens"], 1),
+            _mean(g["train_seconds"], 0),
             g["warning"],
         ]
         for g in summary["groups"]

@@ -102,3 +102,14 @@ def test_aggregate_errors_name_the_folder_and_stage(tmp_path, capsys):
     assert "no stage 'kd_fast'" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 0  # one job: no spread and no interval, never ± 0
     assert "| all | 1 | 50.0 | n/a | 50.0 | 20.0 | 10 | n=1 < 5 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_an_evaluation_stage_has_no_train_time_and_shows_none(tmp_path):
+    for num in range(2):
+        fake_job(tmp_path, num, [f"seed={num}"], 0.5, {"1": 0.5})
+        payload = json.loads((tmp_path / str(num) / "results.json").read_text())
+        del payload["stages"][0]["metrics"]["train_seconds"]  # as an eval stage reports
+        (tmp_path / str(num) / "results.json").write_text(json.dumps(payload))
+    summary = aggregate(tmp_path)
+    assert summary["groups"][0]["train_seconds"] is None
+    assert "| 21.5 | - | n=2 < 5 |" in (tmp_path / "summary.md").read_text()  # never a 0 that was not measured
