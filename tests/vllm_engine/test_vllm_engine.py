@@ -119,3 +119,25 @@ def test_a_model_whose_head_size_vllm_cannot_run_here_is_refused_before_any_stag
     with pytest.raises(PipelineConfigError, match="head size 16"):
         train(tiny_cfg("pipeline.order=[teacher_sft,score]", "pipeline.stages.score.engine=vllm"))
     assert not (tmp_path / "run" / "01_teacher_sft" / "export").exists()
+
+
+def test_two_ranks_each_run_an_engine_on_their_own_shards_and_write_the_same_store(tmp_path):
+    """trainer=ddp_cpu: two processes, one vLLM engine each (external launcher, data parallel), each scoring the
+    shards it owns (the ranks' call counts kept equal with filler requests); the store holds every example, and
+    its rows agree with one engine's."""
+    from tests.helpers import TinyConfig, run_cli
+
+    stage = "pipeline.stages.score"
+    args = ["model@models.teacher=arith_teacher", "pipeline.order=[score]", f"{stage}.styles=[fast]",
+            f"{stage}.engine=vllm", f"{stage}.vllm.enforce_eager=true", f"{stage}.shard_size=16"]  # fmt: skip
+    stores = {}
+    for name, extra in (("one", []), ("two", ["trainer=ddp_cpu", "trainer.devices=2"])):
+        root = tmp_path / name
+        run_cli("kdpipe-train", *TinyConfig(root).args(*args, *extra, f"hydra.run.dir={root}/run"), cwd=tmp_path)
+        (stores[name],) = (root / "logs" / "stores").glob("fast-train-*")
+    assert stores["one"].name == stores["two"].name  # the same content, however many ranks scored it
+    one, two = TeacherStore(stores["one"]), TeacherStore(stores["two"])
+    assert len(two) == len(one) == 200 and len(two.manifest["shards"]) == 13
+    assert sorted(two.index) == sorted(one.index)
+    agreement = row_agreement(*([vars(s.get(i)) for i in sorted(one.index)] for s in (one, two)))
+    assert agreement["top1_agreement"] >= 0.99 and agreement["max_abs_dlabel_logprob"] <= 2e-2, agreement

@@ -158,7 +158,12 @@ def build_llm(model_dir: str | Path, settings: VllmSettings, max_logprobs: int, 
     }
     if not on_cpu():
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
-    if world_size > 1:
+    if world_size > 1:  # vLLM reads the torchrun variables; Lightning's own launcher sets only some of them
+        from kdpipe.utils.dist import global_rank
+
+        os.environ.setdefault("RANK", str(global_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        os.environ.setdefault("LOCAL_RANK", str(int(os.environ.get("LOCAL_RANK", global_rank()))))
         kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs["data_parallel_size"] = max(world_size // settings.tensor_parallel_size, 1)
     return LLM(**kwargs)
@@ -224,19 +229,34 @@ def score_rows(llm, examples: list[EncodedExample], k: int) -> list[dict[str, to
 
 def score_pending(llm, writer, examples: list[EncodedExample], k: int, batch_size: int) -> None:
     """Score every example the writer still needs (its rank's incomplete shards), shard by shard, so a shard
-    is written as soon as its examples are scored and a killed run keeps it."""
+    is written as soon as its examples are scored and a killed run keeps it.
+
+    With several ranks (vLLM data parallelism) the engines step in lockstep inside each ``generate`` call, so
+    every rank makes as many calls as the busiest one: a rank with fewer pending batches (the shard plan is
+    known to all) runs one-token filler requests, scored and never written."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0, detokenize=False)
-    for shard in writer.pending_shards():
+    mine = _batches(writer, writer.rank, batch_size)
+    calls = max(len(_batches(writer, r, batch_size)) for r in range(writer.world_size))
+    for call in range(calls):
+        if call >= len(mine):  # filler: keeps this rank's engine in step with the others'
+            llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(max_tokens=1), use_tqdm=False)
+            continue
+        batch = mine[call]
+        prompts = [TokensPrompt(prompt_token_ids=list(examples[i].input_ids)) for i in batch]
+        for index, output in zip(batch, llm.generate(prompts, params, use_tqdm=False)):
+            writer.add(index, **rows_from_prompt_logprobs(examples[index], output.prompt_logprobs, k))
+
+
+def _batches(writer, rank: int, batch_size: int) -> list[list[int]]:
+    """Rank ``rank``'s pending examples in batches that never span two shards."""
+    batches = []
+    for shard in writer.pending_shards(rank):
         indices = list(writer.shard_examples(shard))
-        for start in range(0, len(indices), batch_size):
-            batch = indices[start : start + batch_size]
-            prompts = [TokensPrompt(prompt_token_ids=list(examples[i].input_ids)) for i in batch]
-            for index, output in zip(batch, llm.generate(prompts, params, use_tqdm=False)):
-                rows = rows_from_prompt_logprobs(examples[index], output.prompt_logprobs, k)
-                writer.add(index, **rows)
+        batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return batches
 
 
 def request_seed(seed: int, part_index: int, request: int) -> int:
