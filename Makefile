@@ -61,11 +61,14 @@ test-all: install  ## every test, slow ones included
 
 # The built-in benchmark's experiments (docs/results.md), one Hydra multirun each in a fixed folder: run it again
 # after an interruption and every job continues where it stopped. EXPERIMENTS= picks some.
+# They ran with one intra-op thread per process (the results' figures: docs/performance.md#cpu-threads).
 EXPERIMENTS ?= paper_stage_orders kd_vs_sft_data_scale two_stage_synthetic teacher_strength
+EXPERIMENT_THREADS ?= 1
 
 experiments: install-base  ## the results page's experiments (hours on 2 CPU cores; resumable), logs/multiruns/<name>
 	for e in $(EXPERIMENTS); do \
-		time $(VENV)/bin/kdpipe-train experiment=$$e hydra.sweep.dir=logs/multiruns/$$e resume=auto $(ARGS) || exit 1; done
+		time $(if $(EXPERIMENT_THREADS),OMP_NUM_THREADS=$(EXPERIMENT_THREADS)) $(VENV)/bin/kdpipe-train \
+			experiment=$$e hydra.sweep.dir=logs/multiruns/$$e resume=auto $(ARGS) || exit 1; done
 
 bench: install  ## every benchmark: prints tables, writes JSON under logs/bench/
 	$(VENV)/bin/kdpipe-bench store --json logs/bench/store.json
