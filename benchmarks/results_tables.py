@@ -155,7 +155,8 @@ def main() -> None:
     text = re.sub(r"<!-- experiments start -->.*?<!-- experiments end -->", lambda m: block, text, flags=re.S)
     results.write_text(text)
     alt_verdict = (
-        verdict(altkr, "reproduced in reasoning mode") if altk is None or altk["verdict"] != "better" else verdict(altk)
+        f"vs the same-budget SFT-only order: {verdict(altm)} (fast), {verdict(altr)} (reasoning); vs SFT(R) → SFT(F) → "
+        f"KD(F): {verdict(altk)} (fast), {verdict(altkr)} (reasoning)"
     )
     scale_verdict = ("not reproduced at 5% (both students < 10%); larger sizes: " + verdict(sc["full"])
                      if sc["scarce"] and sc["scarce"]["verdict"] == "inconclusive" else verdict(sc["scarce"]))  # fmt: skip
