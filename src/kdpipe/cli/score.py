@@ -23,7 +23,7 @@ from kdpipe.cli.errors import exit_on_user_error, run_hydra_command
 from kdpipe.cli.overrides import check_overrides
 from kdpipe.data.datamodule import encode_examples
 from kdpipe.data.sources import load_examples
-from kdpipe.engines import score_teacher, score_teacher_vllm
+from kdpipe.engines import score_with
 from kdpipe.engines.vllm_engine import ENGINES, INSTALL, VllmEngine, VllmSettings, vllm_available
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.trainer import check_trainer_device
@@ -103,18 +103,15 @@ def score(cfg: DictConfig) -> dict[str, Path]:
             "batch_size": int(cfg.batch_size),
             "shard_size": int(cfg.shard_size),
         }
-        if engine == "vllm":
-            path = score_teacher_vllm(model, tokenizer, examples, **common)
-        else:
-            path = score_teacher(
-                model,
-                tokenizer,
-                examples,
-                chunk_size=int(cfg.chunk_size),
-                precision=cfg.get("precision"),
-                trainer=cfg.trainer,
-                **common,
-            )
+        path = score_with(
+            model,
+            tokenizer,
+            examples,
+            chunk_size=int(cfg.chunk_size),
+            precision=cfg.get("precision"),
+            trainer=cfg.trainer,
+            **common,
+        )
         store = TeacherStore(path)
         nbytes, rows = store.nbytes, store.num_rows
         Console().print(

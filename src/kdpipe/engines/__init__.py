@@ -2,6 +2,6 @@
 rollouts. The Hugging Face path runs on Lightning's ``Trainer.predict`` and the model's own ``generate``;
 ``engine: vllm`` runs on vLLM (:mod:`kdpipe.engines.vllm_engine`)."""
 
-from kdpipe.engines.scoring import score_teacher, score_teacher_vllm, store_path
+from kdpipe.engines.scoring import score_teacher, score_teacher_vllm, score_with, store_path
 
-__all__ = ["score_teacher", "score_teacher_vllm", "store_path"]
+__all__ = ["score_teacher", "score_teacher_vllm", "score_with", "store_path"]

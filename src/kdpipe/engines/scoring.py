@@ -251,3 +251,14 @@ def score_teacher_vllm(
         barrier()
 
     return _into_store(tokenizer, examples, meta, store_root, shard_size, score, on_reuse, verify)
+
+
+def score_with(model, tokenizer, examples: list[EncodedExample], *, chunk_size, precision, trainer, **common) -> Path:
+    """:func:`score_teacher_vllm` when ``model`` is a :class:`~kdpipe.engines.vllm_engine.VllmEngine`, else
+    :func:`score_teacher` (whose own keys, ``chunk_size``, ``precision`` and ``trainer``, vLLM does not take)."""
+    from kdpipe.engines.vllm_engine import VllmEngine
+
+    if isinstance(model, VllmEngine):
+        return score_teacher_vllm(model, tokenizer, examples, **common)
+    return score_teacher(model, tokenizer, examples, chunk_size=chunk_size, precision=precision, trainer=trainer,
+                         **common)  # fmt: skip

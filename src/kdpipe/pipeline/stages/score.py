@@ -9,7 +9,7 @@ import time
 from kdpipe.data.datamodule import encode_examples
 from kdpipe.data.rollouts import load_rollouts
 from kdpipe.data.sources import load_examples
-from kdpipe.engines import score_teacher, score_teacher_vllm
+from kdpipe.engines import score_with
 from kdpipe.engines.vllm_engine import VllmEngine, VllmSettings
 from kdpipe.errors import PipelineConfigError
 from kdpipe.lightning.strategy import wrapped_in_place
@@ -59,18 +59,15 @@ def run_score(ctx: StageContext) -> StageResult:
             "on_reuse": lambda reused=reused: reused.append(True),
             "verify": str(ctx.cfg.get("store_verify") or "full"),
         }
-        if engine == "vllm":
-            path = score_teacher_vllm(model, tokenizer, examples, **common)
-        else:
-            path = score_teacher(
-                model,
-                tokenizer,
-                examples,
-                chunk_size=int(settings.chunk_size),
-                precision=settings.get("precision"),
-                trainer=ctx.cfg.trainer,
-                **common,
-            )
+        path = score_with(
+            model,
+            tokenizer,
+            examples,
+            chunk_size=int(settings.chunk_size),
+            precision=settings.get("precision"),
+            trainer=ctx.cfg.trainer,
+            **common,
+        )
         if engine == "hf" and wrapped_in_place(model):  # FSDP wrapped its layers: the next style starts afresh
             model, _ = load_model_and_tokenizer(ctx)
         store = TeacherStore(path)
